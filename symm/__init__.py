@@ -1,0 +1,43 @@
+"""symm: a catalogue of weight-space symmetries (Spec / Factor / GroupElement) for torch state dicts."""
+
+from .element import GroupElement
+from .errors import CheckpointError, SpecError, SymmError, UnsupportedArchitecture
+from .factors import (
+    Factor,
+    GeneralLinear,
+    HeadPermutation,
+    Permutation,
+    PositiveScaling,
+    RotationScaling,
+    SignFlip,
+    Translation,
+)
+from .graph import coupled_factors, describe, to_networkx
+from .spec import Fragment, On, ParamSpec, Segment, Shift, Spec, merge, param
+
+__all__ = [
+    "CheckpointError",
+    "Factor",
+    "Fragment",
+    "GeneralLinear",
+    "GroupElement",
+    "HeadPermutation",
+    "On",
+    "ParamSpec",
+    "Permutation",
+    "PositiveScaling",
+    "RotationScaling",
+    "Segment",
+    "Shift",
+    "SignFlip",
+    "Spec",
+    "SpecError",
+    "SymmError",
+    "Translation",
+    "UnsupportedArchitecture",
+    "coupled_factors",
+    "describe",
+    "merge",
+    "param",
+    "to_networkx",
+]

@@ -1,0 +1,71 @@
+"""``act(spec, params, g)``: apply a group element to a flat state dict.
+
+Normal form of an element on a parameter: ``W -> L(W + shifts)`` where ``L`` applies, on every axis
+segment, the deepest factors first (continuous blocks, then child permutations, then their parents), i.e.
+``M = P_root ... P_leaf C`` per axis. Computation is in float64 and cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import SpecError
+from .factors import Translation
+
+if TYPE_CHECKING:
+    from .element import GroupElement
+    from .spec import ParamSpec, Spec
+
+
+def act(spec: "Spec", params: Mapping[str, torch.Tensor], g: "GroupElement") -> dict[str, torch.Tensor]:
+    """Return ``g . params`` as a new dict of new tensors; ``params`` is never modified."""
+    if g.spec is not spec and g.spec != spec:
+        raise SpecError("group element belongs to a different spec than the one acting")
+    spec.check_params(params)
+    return {name: act_param(spec, spec.params[name], x, g.values) for name, x in params.items()}
+
+
+def act_param(spec: "Spec", ps: "ParamSpec", x: torch.Tensor, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Apply shifts then linear factors to one tensor."""
+    if not ps.shifts and not any(seg.acts for _, _, seg in ps.segments()):
+        return x.clone()
+    if not torch.is_floating_point(x):
+        raise SpecError(f"cannot transform a tensor of dtype {x.dtype}: symmetry factors act on floating-point weights")
+    y = x.detach().to(torch.float64)
+    for shift in ps.shifts:
+        factor = spec.factors[shift.factor]
+        assert isinstance(factor, Translation)
+        y = factor.shift(y, values[shift.factor], shift.axis)
+    y = apply_linear(spec, ps, y, values)
+    return y.to(x.dtype)
+
+
+def apply_linear(
+    spec: "Spec", ps: "ParamSpec", y: torch.Tensor, values: Mapping[str, torch.Tensor], skip_axis: int | None = None
+) -> torch.Tensor:
+    """Apply every linear (non-translation) factor of ``ps`` to ``y``, deepest factors first."""
+    jobs = [
+        (spec.depth(on.factor), axis, offset, seg.size, on)
+        for axis, offset, seg in ps.segments()
+        if axis != skip_axis
+        for on in seg.acts
+    ]
+    jobs.sort(key=lambda job: -job[0])
+    for _, axis, offset, size, on in jobs:
+        factor = spec.factors[on.factor]
+        seg = y.narrow(axis, offset, size)
+        if on.batch_axis is None:
+            moved = seg.movedim(axis, -1)
+            done = factor.apply(moved, values[on.factor], on.side, on.repeat, on.block).movedim(-1, axis)
+        else:
+            moved = seg.movedim((on.batch_axis, axis), (0, -1))
+            done = factor.apply(moved, values[on.factor], on.side, on.repeat, on.block)
+            done = done.movedim((0, -1), (on.batch_axis, axis))
+        if size == y.shape[axis]:
+            y = done
+        else:
+            y = torch.cat([y.narrow(axis, 0, offset), done, y.narrow(axis, offset + size, y.shape[axis] - offset - size)], axis)
+    return y

@@ -1,0 +1,79 @@
+"""2-D convolution catalogue entries: channel permutations through convs, norms, pooling and flatten.
+
+BatchNorm: its affine weight/bias and running statistics move with their channel; with a positively
+homogeneous activation the per-channel scaling acts on the norm's weight and bias (the running statistics
+describe the norm's input, which is not rescaled). GroupNorm: a channel permutation must map norm groups
+to norm groups (a grouped permutation). LayerNorm over (C, H, W) ties channels to positions: not supported
+as a channel symmetry here. Average pooling commutes with every per-channel factor; max pooling commutes
+with permutations and positive scaling but not with sign flips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..spec import Fragment, On, param
+from .mlp import linear
+from .units import Units, channels
+
+
+def conv2d(prefix: str, c_out: int, c_in: int, kernel: tuple[int, int], out: Sequence[On] | None, inn: Sequence[On] | None, bias: bool = True) -> Fragment:
+    """``{prefix}.weight`` (c_out, c_in, kh, kw): out-channels on axis 0, in-channels on axis 1."""
+    params = {f"{prefix}.weight": param((c_out, c_in, *kernel), list(out) if out else None, list(inn) if inn else None)}
+    if bias:
+        params[f"{prefix}.bias"] = param((c_out,), list(out) if out else None)
+    return Fragment.of(params=params)
+
+
+def batchnorm(prefix: str, units: Units) -> Fragment:
+    """BatchNorm affine (perm x scaling) and running stats (perm only)."""
+    n = units.n
+    perm_only = units.out(with_child=False)
+    return Fragment.of(
+        params={
+            f"{prefix}.weight": param((n,), units.out()),
+            f"{prefix}.bias": param((n,), units.out()),
+            f"{prefix}.running_mean": param((n,), perm_only),
+            f"{prefix}.running_var": param((n,), perm_only),
+            f"{prefix}.num_batches_tracked": param(()),
+        }
+    )
+
+
+def groupnorm(prefix: str, units: Units) -> Fragment:
+    return Fragment.of(params={f"{prefix}.weight": param((units.n,), units.out()), f"{prefix}.bias": param((units.n,), units.out())})
+
+
+def cnn(
+    conv_names: Sequence[str],
+    norm_names: Sequence[str] | None,
+    head_name: str,
+    in_channels: int,
+    widths: Sequence[int],
+    kernel: tuple[int, int],
+    n_classes: int,
+    head_pixels: int,
+    activation: str,
+    norm: str = "none",
+    groups: int = 1,
+    bias: bool = True,
+) -> Fragment:
+    """conv -> [norm] -> activation (-> pooling) blocks, then flatten and a linear head of ``head_pixels`` per channel."""
+    if norm not in ("none", "batch", "group"):
+        raise ValueError(f"norm must be 'none', 'batch' or 'group', got {norm!r}")
+    frag = Fragment()
+    inn: list[On] | None = None
+    c_in = in_channels
+    units = None
+    for i, (name, width) in enumerate(zip(conv_names, widths)):
+        units = channels(f"{name}.channels", width, activation, groups=groups if norm == "group" else None)
+        frag = frag + Fragment.of(units.factors)
+        conv_out = units.out(with_child=norm == "none")
+        frag = frag + conv2d(name, width, c_in, kernel, conv_out, inn, bias)
+        if norm == "batch":
+            frag = frag + batchnorm(norm_names[i], units)
+        elif norm == "group":
+            frag = frag + groupnorm(norm_names[i], units)
+        inn, c_in = units.inn(), width
+    assert units is not None
+    return frag + linear(head_name, n_classes, c_in * head_pixels, None, units.inn(block=head_pixels), bias)

@@ -1,0 +1,89 @@
+"""Units: the factors acting on one set of hidden units, and how they appear where units are produced/consumed.
+
+Activation -> group of one hidden layer (f(g.theta) = f(theta)):
+  relu, leaky_relu (positively homogeneous): permutation x positive scaling
+  tanh (odd):                                 permutation x sign flips
+  gelu, silu:                                 permutation only (no continuous factor)
+  swiglu C(silu(Bx) * Ax):                    permutation x positive scaling of A rows / C columns (gate B unscaled)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UnsupportedArchitecture
+from ..factors import Factor, HeadPermutation, Permutation, PositiveScaling, SignFlip
+from ..spec import On
+
+#: activation name -> continuous part of its per-unit group
+ACTIVATION_GROUPS: dict[str, str] = {
+    "relu": "scaling",
+    "leaky_relu": "scaling",
+    "tanh": "sign",
+    "gelu": "none",
+    "silu": "none",
+    "swiglu": "scaling",
+}
+
+
+def activation_group(activation: str) -> str:
+    try:
+        return ACTIVATION_GROUPS[activation]
+    except KeyError:
+        known = ", ".join(sorted(ACTIVATION_GROUPS))
+        raise UnsupportedArchitecture(f"activation {activation!r} has no catalogue entry (known: {known})") from None
+
+
+@dataclass(frozen=True)
+class Units:
+    """A permutation of ``n`` units plus an optional per-unit child factor (scaling or sign)."""
+
+    perm: Factor
+    child: Factor | None = None
+
+    @property
+    def factors(self) -> tuple[Factor, ...]:
+        return (self.perm,) if self.child is None else (self.perm, self.child)
+
+    @property
+    def n(self) -> int:
+        return self.perm.count
+
+    def out(self, block: int = 1, with_child: bool = True) -> list[On]:
+        """Where the units are produced (rows of the layer that writes them)."""
+        acts = [On(self.perm.name, "out", block=block)]
+        if with_child and self.child is not None:
+            acts.append(On(self.child.name, "out", block=block))
+        return acts
+
+    def inn(self, block: int = 1) -> list[On]:
+        """Where the units are consumed (columns of the layer that reads them)."""
+        acts = [On(self.perm.name, "in", block=block)]
+        if self.child is not None:
+            acts.append(On(self.child.name, "in", block=block))
+        return acts
+
+
+def neurons(name: str, n: int, activation: str) -> Units:
+    """Hidden units of an elementwise activation: permutation x (scaling | sign | nothing)."""
+    group = activation_group(activation)
+    perm = Permutation(name, n)
+    if group == "scaling":
+        return Units(perm, PositiveScaling(f"{name}.scale", n, parent=name))
+    if group == "sign":
+        return Units(perm, SignFlip(f"{name}.sign", n, parent=name))
+    return Units(perm)
+
+
+def channels(name: str, n: int, activation: str, groups: int | None = None) -> Units:
+    """Conv channels; with GroupNorm (``groups``) the permutation must map norm groups to norm groups."""
+    units = neurons(name, n, activation)
+    if groups is None:
+        return units
+    perm = HeadPermutation(name, n, groups=groups, head_dim=1)
+    return Units(perm, units.child)
+
+
+def stream(name: str, d: int) -> Units:
+    """A residual stream: one permutation shared by every writer and reader."""
+    return Units(Permutation(name, d))

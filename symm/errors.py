@@ -1,0 +1,17 @@
+"""Errors raised by symm. Messages name the parameter, factor, axis and sizes involved."""
+
+
+class SymmError(Exception):
+    """Base class of every error symm raises on purpose."""
+
+
+class SpecError(SymmError, ValueError):
+    """A Spec is malformed, or does not match the parameters it is applied to."""
+
+
+class CheckpointError(SymmError, ValueError):
+    """A checkpoint file cannot be read or written, or its contents are invalid."""
+
+
+class UnsupportedArchitecture(SymmError, NotImplementedError):
+    """No catalogue entry or adapter exists for the requested architecture."""

@@ -1,0 +1,24 @@
+"""Evaluate a torch model at any weights: ``torch.func.functional_call`` with strict key checking."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+Params = Mapping[str, torch.Tensor]
+
+
+def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's state dict (parameters and buffers)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def functional(model: nn.Module) -> Callable[..., torch.Tensor]:
+    """``f(params, *inputs)``: the model's forward at ``params``; missing or extra keys raise."""
+
+    def f(params: Params, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, dict(params), inputs, strict=True)
+
+    return f

@@ -1,0 +1,73 @@
+"""Per-unit diagonal factors: positive rescaling (ReLU-like units) and sign flips (odd activations)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Factor, Side, broadcast_batch, expand_units
+
+
+@dataclass(frozen=True)
+class _Diagonal(Factor):
+    is_continuous = False
+
+    def identity(self) -> torch.Tensor:
+        return torch.ones(self.element_shape, dtype=torch.float64)
+
+    def compose(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+    def inverse(self, a: torch.Tensor) -> torch.Tensor:
+        return 1.0 / a
+
+    def _entry_values(self, element: torch.Tensor, side: Side, repeat: int, block: int) -> torch.Tensor:
+        values = element if side == "out" else 1.0 / element
+        return expand_units(values, repeat, block)
+
+    def apply(self, x: torch.Tensor, element: torch.Tensor, side: Side, repeat: int, block: int) -> torch.Tensor:
+        values = self._entry_values(element.to(x.dtype), side, repeat, block)
+        return x * broadcast_batch(values, x, len(self.batch))
+
+
+@dataclass(frozen=True)
+class PositiveScaling(_Diagonal):
+    """(R_{>0})^n: ``out`` multiplies unit i by a_i, ``in`` divides by a_i. Lie algebra: diagonal."""
+
+    log_std: float = 0.5
+
+    kind = "positive-scaling"
+    is_continuous = True
+
+    @property
+    def dimension(self) -> int:
+        return self.n_units
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        z = torch.randn(self.element_shape, generator=generator, dtype=torch.float64)
+        return torch.exp(self.log_std * z)
+
+    def check_element(self, element: torch.Tensor) -> None:
+        super().check_element(element)
+        if not bool((element > 0).all()):
+            raise ValueError(f"factor {self.name!r}: positive scaling needs every entry > 0")
+
+
+@dataclass(frozen=True)
+class SignFlip(_Diagonal):
+    """{+1,-1}^n: both sides multiply unit i by s_i (s^{-T} = s)."""
+
+    kind = "sign-flip"
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        bits = torch.randint(0, 2, self.element_shape, generator=generator)
+        return (2 * bits - 1).to(torch.float64)
+
+    def inverse(self, a: torch.Tensor) -> torch.Tensor:
+        return a.clone()
+
+    def check_element(self, element: torch.Tensor) -> None:
+        super().check_element(element)
+        if not bool((element.abs() == 1).all()):
+            raise ValueError(f"factor {self.name!r}: sign flips must be +1 or -1")
