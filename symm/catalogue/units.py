@@ -4,6 +4,7 @@ Activation -> group of one hidden layer (f(g.theta) = f(theta)):
   relu, leaky_relu (positively homogeneous): permutation x positive scaling
   tanh (odd):                                 permutation x sign flips
   gelu, silu:                                 permutation only (no continuous factor)
+  any (activation unknown):                   permutation only (true for every elementwise activation)
   swiglu C(silu(Bx) * Ax):                    permutation x positive scaling of A rows / C columns (gate B unscaled)
 """
 
@@ -23,6 +24,7 @@ ACTIVATION_GROUPS: dict[str, str] = {
     "gelu": "none",
     "silu": "none",
     "swiglu": "scaling",
+    "any": "none",  # unknown elementwise activation: only the permutation is safe
 }
 
 
