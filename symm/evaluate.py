@@ -16,9 +16,14 @@ def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def functional(model: nn.Module) -> Callable[..., torch.Tensor]:
-    """``f(params, *inputs)``: the model's forward at ``params``; missing or extra keys raise."""
+    """``f(params, *inputs)``: the model's forward at ``params``; missing or extra keys raise.
+
+    Non-persistent buffers (computed tables such as a sinusoidal PE) are not weights: they come from the model.
+    """
+    persistent = set(model.state_dict())
+    fixed = {k: v for k, v in model.named_buffers() if k not in persistent}
 
     def f(params: Params, *inputs: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(model, dict(params), inputs, strict=True)
+        return torch.func.functional_call(model, {**fixed, **params}, inputs, strict=True)
 
     return f

@@ -40,19 +40,27 @@ def activation_group(activation: str) -> str:
 class Units:
     """A permutation of ``n`` units plus an optional per-unit child factor (scaling or sign)."""
 
-    perm: Factor
+    perm: Factor | None
     child: Factor | None = None
+    size: int = 0
+
+    @staticmethod
+    def fixed(n: int) -> "Units":
+        """Units with no symmetry at all (e.g. a stream pinned by a fixed positional-encoding buffer)."""
+        return Units(None, None, n)
 
     @property
     def factors(self) -> tuple[Factor, ...]:
-        return (self.perm,) if self.child is None else (self.perm, self.child)
+        return tuple(f for f in (self.perm, self.child) if f is not None)
 
     @property
     def n(self) -> int:
-        return self.perm.count
+        return self.perm.count if self.perm is not None else self.size
 
     def out(self, block: int = 1, with_child: bool = True) -> list[On]:
         """Where the units are produced (rows of the layer that writes them)."""
+        if self.perm is None:
+            return []
         acts = [On(self.perm.name, "out", block=block)]
         if with_child and self.child is not None:
             acts.append(On(self.child.name, "out", block=block))
@@ -60,6 +68,8 @@ class Units:
 
     def inn(self, block: int = 1) -> list[On]:
         """Where the units are consumed (columns of the layer that reads them)."""
+        if self.perm is None:
+            return []
         acts = [On(self.perm.name, "in", block=block)]
         if self.child is not None:
             acts.append(On(self.child.name, "in", block=block))

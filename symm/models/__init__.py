@@ -8,6 +8,7 @@ from ..errors import UnsupportedArchitecture
 from ..spec import Spec
 from .cnn import CNN, CNNConfig, cnn_spec
 from .mlp import MLP, MLPConfig, mlp_spec
+from .transformer import TransformerConfig, TransformerLM, transformer_spec
 from .residual import ResidualCNN, ResidualCNNConfig, ResidualMLP, ResidualMLPConfig, residual_cnn_spec, residual_mlp_spec
 
 SPEC_BUILDERS = {
@@ -15,6 +16,7 @@ SPEC_BUILDERS = {
     CNNConfig: cnn_spec,
     ResidualMLPConfig: residual_mlp_spec,
     ResidualCNNConfig: residual_cnn_spec,
+    TransformerConfig: transformer_spec,
 }
 
 MODEL_CLASSES = {
@@ -22,6 +24,7 @@ MODEL_CLASSES = {
     CNNConfig: CNN,
     ResidualMLPConfig: ResidualMLP,
     ResidualCNNConfig: ResidualCNN,
+    TransformerConfig: TransformerLM,
 }
 
 
@@ -53,6 +56,8 @@ __all__ = [
     "ResidualCNNConfig",
     "ResidualMLP",
     "ResidualMLPConfig",
+    "TransformerConfig",
+    "TransformerLM",
     "build_model",
     "spec_for",
 ]
