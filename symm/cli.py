@@ -30,17 +30,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_describe(args: argparse.Namespace) -> int:
-    from .adapters import infer_spec
+    from .adapters import infer_spec, spec_from_hf
+    from .graph import describe_blocks
     from .io import load_state_dict
 
     target = Path(args.target)
-    if target.is_dir():
-        raise SymmError(f"{target}: model folders (Hugging Face) are not supported yet; pass a .pt or .safetensors state dict")
-    params = load_state_dict(target)
-    inferred = infer_spec(params, activation=args.activation)
-    print(inferred.explanation)
-    print(inferred.spec.describe())
+    if target.is_dir() or target.suffix == ".json":
+        spec = spec_from_hf(target if target.is_dir() else _config_from_json(target))
+    else:
+        inferred = infer_spec(load_state_dict(target), activation=args.activation)
+        print(inferred.explanation)
+        spec = inferred.spec
+    print(describe_blocks(spec))
+    if args.verbose:
+        print(spec.describe())
     return 0
+
+
+def _config_from_json(path: Path):
+    """A transformers config from a ``config.json`` file (offline)."""
+    from transformers import AutoConfig
+
+    try:
+        data = json.loads(path.read_text())
+        model_type = data.pop("model_type")
+    except (OSError, ValueError, KeyError) as exc:
+        raise SymmError(f"{path}: not a readable config.json with a model_type ({exc})") from None
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except ValueError:
+        from .errors import UnsupportedArchitecture
+        from .adapters.hf import FAMILIES
+
+        raise UnsupportedArchitecture(f"{path}: unknown model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     describe = sub.add_parser("describe", help="print the symmetry group of a checkpoint")
-    describe.add_argument("target", help="a .pt/.pth/.bin/.safetensors state dict")
+    describe.add_argument("target", help="a Hugging Face model folder or config.json, or a .pt/.pth/.bin/.safetensors state dict")
     describe.add_argument("--activation", help="activation of a bare dense chain (relu adds scaling; default: permutations only)")
     describe.set_defaults(func=_cmd_describe)
     return parser

@@ -76,3 +76,39 @@ def describe(spec: "Spec") -> str:
         lines.append("notes:")
         lines.extend(f"  - {n}" for n in spec.notes)
     return "\n".join(lines)
+
+
+def _block_of(name: str) -> str:
+    """``model.layers.3.self_attn.heads`` -> ``model.layers.3``; names without a layer index -> ``(global)``."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return "(global)"
+
+
+def describe_blocks(spec: "Spec") -> str:
+    """The group per block: factor kinds and sizes, continuous dimensions, and what PE / gating changed."""
+    blocks: dict[str, list[str]] = defaultdict(list)
+    for name in spec.factor_order:
+        blocks[_block_of(name)].append(name)
+    lines = [
+        f"{spec.name or 'spec'}: {len(spec.factors)} factors, {len(spec.params)} parameters, "
+        f"continuous dimension {spec.dimension}"
+    ]
+    for block in sorted(blocks, key=lambda b: (b != "(global)", _natural_key(b))):
+        names = blocks[block]
+        dim = sum(spec.factors[n].dimension for n in names)
+        lines.append(f"block {block}: {len(names)} factors, continuous dimension {dim}")
+        for n in names:
+            f = spec.factors[n]
+            short = n[len(block) + 1 :] if n.startswith(block + ".") else n
+            lines.append(f"    {short}: {f.describe()}" + (f", dim {f.dimension}" if f.is_continuous else ""))
+        for note in spec.notes:
+            if note.startswith(block + ".") or (block == "(global)" and _block_of(note.split(":")[0]) == "(global)"):
+                lines.append(f"    note: {note}")
+    return "\n".join(lines)
+
+
+def _natural_key(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]

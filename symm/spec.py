@@ -244,10 +244,11 @@ class Spec:
 
         return GroupElement.identity(self)
 
-    def sample(self, rng: "int | torch.Generator") -> "GroupElement":  # noqa: F821
+    def sample(self, rng: "int | torch.Generator", only: "Iterable[str] | None" = None) -> "GroupElement":  # noqa: F821
+        """A random element; ``only`` keeps every other factor at the identity."""
         from .element import GroupElement
 
-        return GroupElement.sample(self, rng)
+        return GroupElement.sample(self, rng, only=only)
 
     def graph(self):
         """A networkx graph with factor and parameter nodes (see :mod:`symm.graph`)."""

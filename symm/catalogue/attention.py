@@ -99,7 +99,7 @@ def attention(
     params[f"{prefix}.{names[3]}.weight"] = param((d, hq), stream.out(), f.o(r))
     if bias[3]:
         params[f"{prefix}.{names[3]}.bias"] = param((d,), stream.out())
-    return Fragment.of(f.all, params, notes=_notes(pe))
+    return Fragment.of(f.all, params, notes=_notes(prefix, pe))
 
 
 def fused_attention_conv1d(prefix: str, shape: AttentionShape, pe: PEKind, stream: Units, *, qkv: str = "c_attn", out: str = "c_proj") -> Fragment:
@@ -115,10 +115,10 @@ def fused_attention_conv1d(prefix: str, shape: AttentionShape, pe: PEKind, strea
         f"{prefix}.{out}.weight": param((hd, d), f.o(1), stream.out()),
         f"{prefix}.{out}.bias": param((d,), stream.out()),
     }
-    return Fragment.of(f.all, params, notes=_notes(pe))
+    return Fragment.of(f.all, params, notes=_notes(prefix, pe))
 
 
-def _notes(pe: str) -> tuple[str, ...]:
+def _notes(prefix: str, pe: str) -> tuple[str, ...]:
     if pe == "rope":
-        return ("RoPE: the Q/K factor is one rotation-scaling per frequency pair (d_h dims per KV group), not GL(d_h)",)
-    return (f"{pe} positional encoding: Q/K and V/O each carry GL(d_h) per KV group",)
+        return (f"{prefix}: RoPE shrinks Q/K from GL(d_h) to one rotation-scaling per frequency pair (d_h dims per KV group)",)
+    return (f"{prefix}: {pe} positional encoding leaves Q/K and V/O each a full GL(d_h) per KV group",)

@@ -41,7 +41,11 @@ def router(prefix: str, n_experts: int, d_model: int, gating: str, stream: Units
     params = {f"{prefix}.weight": param((n_experts, d_model), On(experts, "out"), stream.inn(), shifts=w_shifts)}
     if bias:
         params[f"{prefix}.bias"] = param((n_experts,), On(experts, "out"), shifts=b_shifts)
-    return Fragment.of(factors, params)
+    if has_translation(gating):
+        note = f"{prefix}: {gating} softmax gating adds a common translation of the router rows"
+    else:
+        note = f"{prefix}: sigmoid gating allows no router translation (only the expert permutation)"
+    return Fragment.of(factors, params, notes=[note])
 
 
 def expert_factors(prefix: str, n_experts: int, d_expert: int, activation: str) -> tuple[Permutation, Permutation, PositiveScaling | None]:
@@ -89,6 +93,8 @@ def stacked_swiglu_experts(
 def shared_expert(prefix: str, d_model: int, d_hidden: int, stream: Units, gate: str | None, names=("gate_proj", "up_proj", "down_proj")) -> Fragment:
     """A SwiGLU shared expert (not routed: it stays put) and optionally its sigmoid gate ``gate`` (1, d)."""
     frag, units = swiglu(prefix, d_hidden, d_model, stream.inn(), units_name=f"{prefix}.units", names=names[:2])
+    if gate:
+        frag = frag + Fragment.of(notes=[f"{prefix}: shared expert, not routed: it stays put and keeps its own SwiGLU group"])
     frag = frag + Fragment.of(params={f"{prefix}.{names[2]}.weight": param((d_model, d_hidden), stream.out(), units.inn())})
     if gate:
         frag = frag + Fragment.of(params={gate: param((1, d_model), None, stream.inn())})

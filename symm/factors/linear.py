@@ -135,7 +135,7 @@ class RotationScaling(Factor):
         return self.n_units * self.dim
 
     def _describe_extra(self) -> str:
-        return f" heads, {self.dim // 2} RoPE pairs ({self.layout})"
+        return f" units x {self.dim // 2} RoPE pairs ({self.layout} layout)"
 
     def identity(self) -> torch.Tensor:
         e = torch.zeros(self.element_shape, dtype=torch.float64)

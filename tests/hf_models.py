@@ -1,0 +1,62 @@
+"""Tiny Hugging Face models built offline from configs (shared by the HF tests)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+transformers.logging.set_verbosity_error()
+
+VOCAB = 50
+
+
+def configs() -> dict:
+    from transformers import GPT2Config, LlamaConfig, MixtralConfig, Qwen2MoeConfig, XGLMConfig
+
+    small = dict(vocab_size=VOCAB)
+    llama = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, **small)
+    return {
+        "gpt2": GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0, **small),
+        "xglm": XGLMConfig(d_model=32, num_layers=2, attention_heads=4, ffn_dim=64, max_position_embeddings=32, **small),
+        "llama-gqa-tied": LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **llama),
+        "llama-mqa-untied": LlamaConfig(num_key_value_heads=1, tie_word_embeddings=False, **llama),
+        "mixtral": MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **llama),
+        "qwen2-moe": Qwen2MoeConfig(
+            num_key_value_heads=2,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            **llama,
+        ),
+    }
+
+
+def build(name: str, seed: int = 0):
+    """A model with random (not default-initialised) weights, in eval mode, float32."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(configs()[name]).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def params_of(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def logits_fn(model, tokens: torch.Tensor):
+    """f(params) = logits of the transformers model itself with ``params`` loaded."""
+
+    def f(params):
+        model.load_state_dict(params)
+        with torch.no_grad():
+            return model(tokens).logits
+
+    return f
