@@ -34,8 +34,9 @@ def dtype(request) -> torch.dtype:
 
 @pytest.hookimpl(trylast=True)
 def pytest_generate_tests(metafunc):
-    # parametrized last so that ids read ``relu-float32`` (the test's own parameters first)
-    if "dtype" in metafunc.fixturenames:
+    # parametrized last so that ids read ``relu-float32`` (the test's own parameters first); modules that
+    # define their own ``dtype`` fixture keep it
+    if "dtype" in metafunc.fixturenames and not hasattr(metafunc.module, "dtype"):
         metafunc.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES), indirect=True)
 
 
