@@ -13,19 +13,36 @@ from .errors import SymmError
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    from .io import atomic_write_text
 
-    r = run_demo(width=args.width, depth=args.depth, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
-    print(r.spec_description if args.verbose else r.spec_description.split("parameters (")[0].rstrip())
-    print()
-    print(f"two ReLU MLPs on digits: test accuracy A {r.accuracy_a:.3f}, B {r.accuracy_b:.3f}; relative weight distance |A-B|/|A| = {r.distance_a_b:.3f}")
-    print(f"random group element g (permutations x positive scalings, {r.continuous_dimension} continuous dims):")
-    print(f"  weights moved by |g.A - A|/|A| = {r.weight_change_relative:.3f}")
-    print(f"  logits unchanged: max relative error {r.logit_relative_error:.2e}; accuracy {r.accuracy_transformed:.3f}")
-    print(f"  negative control (first layer permuted on one side only): accuracy {r.one_sided_accuracy:.3f}")
-    if args.out:
-        path = atomic_write_text(Path(args.out) / "demo.json", json.dumps(r.to_dict(), indent=2) + "\n")
-        print(f"report: {path}")
+    r = run_demo(args.out, width=args.width, depth=args.depth, epochs=args.epochs, seed=args.seed, method=args.method, progress=not args.quiet)
+    print(r.spec_summary)
+    print(f"random group element: logits unchanged up to relative error {r.symmetry_error:.1e}")
+    _print_report(r.report)
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    lb, ab = report["loss_barrier"], report["accuracy_barrier"]
+    print(f"{report['method']} matching, {report['sweeps']} sweeps, {report['timings_s']['align']:.2f} s; data: {report['data']}")
+    print(f"loss barrier:     naive {lb['naive']:.4f}   aligned {lb['aligned']:.4f}   ({_ratio(lb)})")
+    print(f"accuracy barrier: naive {ab['naive']:.4f}   aligned {ab['aligned']:.4f}")
+    outs = report["outputs"]
+    print(f"wrote {outs['aligned']}, {outs['report']}, {outs['plot']}")
+
+
+def _ratio(barrier: dict) -> str:
+    return f"{100 * barrier['aligned'] / barrier['naive']:.1f}% of naive" if barrier["naive"] > 0 else "naive barrier is 0"
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    from aligners.job import align
+
+    report = align(
+        args.a, args.b, args.out, method=args.method, data=args.data, activation=args.activation, n_points=args.points,
+        seed=args.seed, backend=args.backend, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    print(report["models"]["architecture"])
+    _print_report(report)
     return 0
 
 
@@ -70,14 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="more output and INFO logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train two MLPs on digits and check a random symmetry (embedded default job)")
-    demo.add_argument("--width", type=int, default=128)
+    demo = sub.add_parser("demo", help="train two MLPs on digits, align them, plot the barrier (embedded default job)")
+    demo.add_argument("--width", type=int, default=512)
     demo.add_argument("--depth", type=int, default=2)
     demo.add_argument("--epochs", type=int, default=30)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", help="folder for demo.json")
+    demo.add_argument("--method", choices=["weights", "activations"], default="weights")
+    demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
+
+    al = sub.add_parser("align", help="align checkpoint B onto A and plot the linear-mode-connectivity barrier")
+    al.add_argument("a", help="checkpoint A: .safetensors/.pt state dict or Hugging Face folder")
+    al.add_argument("b", help="checkpoint B (same architecture)")
+    al.add_argument("--method", choices=["weights", "activations"], default="weights")
+    al.add_argument("--data", choices=["digits", "mnist1d", "text"], help="evaluation data (default: digits/mnist1d by input size; text for LMs)")
+    al.add_argument("--activation", help="activation of a bare dense chain (default relu)")
+    al.add_argument("--out", default="align_out", help="output folder (default: align_out)")
+    al.add_argument("--points", type=int, default=25, help="interpolation points (default 25)")
+    al.add_argument("--seed", type=int, default=0)
+    al.add_argument("--backend", choices=["auto", "scipy", "lapx"], default="auto", help="linear-assignment solver")
+    al.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never overwritten)")
+    al.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    al.set_defaults(func=_cmd_align)
 
     describe = sub.add_parser("describe", help="print the symmetry group of a checkpoint")
     describe.add_argument("target", help="a Hugging Face model folder or config.json, or a .pt/.pth/.bin/.safetensors state dict")

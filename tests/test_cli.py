@@ -10,16 +10,16 @@ from torch import nn
 from symm.cli import main
 
 
-def test_demo_runs_and_preserves_function(tmp_path, capsys):
-    rc = main(["demo", "--width", "32", "--epochs", "5", "--quiet", "--out", str(tmp_path)])
+def test_demo_trains_aligns_and_plots(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--width", "64", "--epochs", "5", "--quiet", "--out", str(out)])
     assert rc == 0
-    out = capsys.readouterr().out
-    assert "logits unchanged" in out
-    report = json.loads((tmp_path / "demo.json").read_text())
-    assert report["logit_relative_error"] < 1e-5
-    assert report["accuracy_transformed"] == report["accuracy_a"]
-    assert report["weight_change_relative"] > 0.1
-    assert report["one_sided_accuracy"] < report["accuracy_a"]
+    text = capsys.readouterr().out
+    assert "loss barrier" in text and "logits unchanged" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["loss_barrier"]["aligned"] < report["loss_barrier"]["naive"]
+    for name in ("A.safetensors", "B.safetensors", "B_aligned.safetensors", "barrier.png"):
+        assert (out / name).is_file()
 
 
 def test_describe_state_dict(tmp_path, capsys):

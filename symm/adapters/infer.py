@@ -67,3 +67,33 @@ def infer_spec(params: Mapping[str, torch.Tensor], activation: str | None = None
         + (f"activation {act!r} (given)" if activation else "activation unknown: permutations only (pass an activation such as 'relu' to add scaling)")
     )
     return InferredSpec(spec, tuple(layers), tuple(sizes), act, how)
+
+
+class DenseChain(torch.nn.Module):
+    """An nn.Module whose state-dict keys are exactly an inferred dense chain's (for evaluation and hooks)."""
+
+    def __init__(self, inferred: InferredSpec) -> None:
+        super().__init__()
+        from ..models.activations import activation_fn
+
+        self.layer_names = inferred.layers
+        bias = any(k.endswith(".bias") for k in inferred.spec.params)
+        for i, name in enumerate(inferred.layers):
+            parent: torch.nn.Module = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(leaf, torch.nn.Linear(inferred.sizes[i], inferred.sizes[i + 1], bias=bias))
+        act = "relu" if inferred.activation == "any" else inferred.activation
+        self._act = activation_fn(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        modules = dict(self.named_modules())
+        for i, name in enumerate(self.layer_names):
+            x = modules[name](x)
+            if i < len(self.layer_names) - 1:
+                x = self._act(x)
+        return x
