@@ -132,13 +132,15 @@ def _permutation_step(spec: Spec, a, b, name: str, backend: str) -> GroupElement
     return spec.identity().replace(**values)
 
 
-def _head_step(spec: Spec, a, b, name: str, backend: str) -> tuple[GroupElement | None, GroupElement]:
+def _head_step(spec: Spec, a, b, name: str, backend: str, within: bool = True) -> tuple[GroupElement | None, GroupElement]:
     factor = spec.factors[name]
     assert isinstance(factor, HeadPermutation)
     sigma = grouped_assignment(factor, head_scores(factor, role_blocks(spec, a, name), role_blocks(spec, b, name)), backend)
     perm_delta = None if factor.is_identity(sigma) else spec.identity().replace(**{name: sigma})
     if perm_delta is not None:
         _apply(spec, b, perm_delta, [name])
+    if not within:
+        return perm_delta, spec.identity()
     blocks_a, blocks_b = role_blocks(spec, a, name), role_blocks(spec, b, name)
     values = {}
     for child, f in spec.factors.items():
@@ -169,12 +171,14 @@ def weight_matching(
     seed: int = 0,
     backend: str = "auto",
     fixed: Mapping[str, torch.Tensor] | None = None,
+    within_heads: bool = True,
     progress: bool = True,
     info: MatchInfo | None = None,
 ) -> GroupElement:
     """The element g of ``spec``'s group with ``g . params_b`` matched to ``params_a``.
 
-    ``fixed``: factor values decided elsewhere (e.g. by activation matching), kept as given.
+    ``fixed``: factor values decided elsewhere (e.g. by activation matching, or the identity to switch a factor
+    off), kept as given. ``within_heads=False`` matches heads but skips the per-head GL / RoPE alignment.
     """
     spec.check_params(params_a, what="checkpoint A")
     spec.check_params(params_b, what="checkpoint B")
@@ -200,7 +204,7 @@ def weight_matching(
         for i in torch.randperm(len(movable), generator=gen).tolist():
             name = movable[i]
             if isinstance(spec.factors[name], HeadPermutation):
-                perm_delta, cont_delta = _head_step(spec, a_hat, b_cur, name, backend)
+                perm_delta, cont_delta = _head_step(spec, a_hat, b_cur, name, backend, within_heads)
                 if perm_delta is not None:
                     g, changed = perm_delta.compose(g), changed + 1
                 g = cont_delta.compose(g)

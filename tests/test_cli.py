@@ -28,7 +28,7 @@ def test_describe_state_dict(tmp_path, capsys):
     torch.save(model.state_dict(), path)
     assert main(["describe", str(path), "--activation", "relu"]) == 0
     out = capsys.readouterr().out
-    assert "0.units.scale" in out and "dense chain 4-8-2" in out
+    assert "positive-scaling" in out and "dense chain 4-8-2" in out
 
 
 def test_describe_corrupt_file_exits_nonzero(tmp_path, capsys):
