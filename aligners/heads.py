@@ -79,27 +79,67 @@ def grouped_assignment(factor: HeadPermutation, score: torch.Tensor, backend: st
     return (group_perm.unsqueeze(-1) * r + within).reshape(-1)
 
 
-def solve_general_linear(factor: GeneralLinear, xa: torch.Tensor, xb: torch.Tensor, ridge: float = 1e-10) -> torch.Tensor:
-    """Per unit M = argmin sum ||X_a - M X_b||^2 over the unit's rows: (sum X_a X_b^T)(sum X_b X_b^T)^{-1}."""
-    n = factor.count
-    xa = xa.reshape(n, -1, *xa.shape[-2:])  # (units, repeat, d, features)
+def _group_sum(xa: torch.Tensor, xb: torch.Tensor, n: int) -> torch.Tensor:
+    """sum over the units of each of ``n`` groups of X_a X_b^T: (n, d, d)."""
+    xa = xa.reshape(n, -1, *xa.shape[-2:])
     xb = xb.reshape(n, -1, *xb.shape[-2:])
-    cross = torch.einsum("nkar,nkbr->nab", xa, xb)
-    gram = torch.einsum("nkar,nkbr->nab", xb, xb)
-    eye = torch.eye(factor.dim, dtype=gram.dtype)
-    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300).reshape(n, 1, 1)
-    return torch.linalg.solve(gram + ridge * scale * eye, cross.transpose(-1, -2)).transpose(-1, -2)
+    return torch.einsum("nkar,nkbr->nab", xa, xb)
 
 
-def solve_rotation_scaling(factor: RotationScaling, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
-    """Per unit and frequency pair z = <q_b, q_a> / |q_b|^2 (complex least squares); returns (a, b) pairs."""
+def _spd_power(m: torch.Tensor, p: float, eps: float = 1e-12) -> torch.Tensor:
+    w, v = torch.linalg.eigh(m)
+    w = w.clamp_min(eps * w.abs().amax(-1, keepdim=True).clamp_min(1e-300))
+    return (v * w.pow(p).unsqueeze(-2)) @ v.transpose(-1, -2)
+
+
+def balancing_matrix(g_out: torch.Tensor, g_in: torch.Tensor) -> torch.Tensor:
+    """C with C G_out C^T = C^{-T} G_in C^{-1} (balanced out/in Grams): C = (G_out^{-1} # G_in)^{1/2}.
+
+    ``#`` is the matrix geometric mean; C . X is the unique balanced point of the GL orbit up to O(d).
+    """
+    root = _spd_power(g_out, 0.5)
+    inv_root = _spd_power(g_out, -0.5)
+    mean = inv_root @ _spd_power(root @ g_in @ root, 0.5) @ inv_root
+    return _spd_power(mean, 0.5)
+
+
+def _procrustes(cross: torch.Tensor) -> torch.Tensor:
+    """Orthogonal R maximising tr(R^T cross)."""
+    u, _, vh = torch.linalg.svd(cross)
+    return u @ vh
+
+
+def solve_general_linear(factor: GeneralLinear, out_a, out_b, in_a, in_b) -> torch.Tensor:
+    """Per unit M (out side; the in side moves by M^{-T}) aligning B's heads to A's.
+
+    Balance both (canonical up to O(d)), then orthogonal Procrustes on out and in rows together:
+    M = C_A^{-1} R C_B. Exact for B = g . A; never inflates one side to fit the other.
+    """
     n = factor.count
-    pa = pairs_view(xa.transpose(-1, -2), factor.dim, factor.layout)  # (units, features, d/2, 2)
-    pb = pairs_view(xb.transpose(-1, -2), factor.dim, factor.layout)
-    za = torch.view_as_complex(pa.contiguous()).reshape(n, -1, factor.dim // 2)
-    zb = torch.view_as_complex(pb.contiguous()).reshape(n, -1, factor.dim // 2)
-    num = (zb.conj() * za).sum(1)
-    den = (zb.abs() ** 2).sum(1).clamp_min(1e-300)
-    z = num / den
-    z = torch.where(den > 1e-280, z, torch.ones_like(z))
+    c_a = balancing_matrix(_group_sum(out_a, out_a, n), _group_sum(in_a, in_a, n))
+    c_b = balancing_matrix(_group_sum(out_b, out_b, n), _group_sum(in_b, in_b, n))
+    cross = c_a @ _group_sum(out_a, out_b, n) @ c_b.transpose(-1, -2)
+    cross = cross + torch.linalg.inv(c_a).transpose(-1, -2) @ _group_sum(in_a, in_b, n) @ torch.linalg.inv(c_b)
+    return torch.linalg.solve(c_a, _procrustes(cross) @ c_b)
+
+
+def _complex_pairs(factor: RotationScaling, x: torch.Tensor) -> torch.Tensor:
+    p = pairs_view(x.transpose(-1, -2), factor.dim, factor.layout)  # (units, features, d/2, 2)
+    return torch.view_as_complex(p.contiguous()).reshape(factor.count, -1, factor.dim // 2)
+
+
+def solve_rotation_scaling(factor: RotationScaling, out_a, out_b, in_a, in_b) -> torch.Tensor:
+    """Per unit and frequency pair z = (c_B / c_A) e^{i theta}: balance |q|^2 c^2 = |k|^2 / c^2, then the best
+    common rotation of Q and K pairs (a rotation moves both sides alike). Returns (a, b) pairs."""
+    qa, qb, ka, kb = (_complex_pairs(factor, x) for x in (out_a, out_b, in_a, in_b))
+
+    def balance(q, k):
+        nq, nk = (q.abs() ** 2).sum(1), (k.abs() ** 2).sum(1)
+        ok = (nq > 0) & (nk > 0)
+        return torch.where(ok, (nk.clamp_min(1e-300) / nq.clamp_min(1e-300)).pow(0.25), torch.ones_like(nq))
+
+    c_a, c_b = balance(qa, ka), balance(qb, kb)
+    w = (qb.conj() * qa).sum(1) * c_a * c_b + (kb.conj() * ka).sum(1) / (c_a * c_b)
+    phase = torch.where(w.abs() > 0, w / w.abs().clamp_min(1e-300), torch.ones_like(w))
+    z = phase * (c_b / c_a)
     return torch.view_as_real(z.contiguous()).to(torch.float64)

@@ -146,11 +146,13 @@ def _head_step(spec: Spec, a, b, name: str, backend: str, within: bool = True) -
     for child, f in spec.factors.items():
         if f.parent != name or (child, "out") not in blocks_a:
             continue
-        xa, xb = blocks_a[(child, "out")], blocks_b[(child, "out")]
+        if (child, "in") not in blocks_a:
+            continue
+        sides = (blocks_a[(child, "out")], blocks_b[(child, "out")], blocks_a[(child, "in")], blocks_b[(child, "in")])
         if isinstance(f, GeneralLinear):
-            values[child] = solve_general_linear(f, xa, xb)
+            values[child] = solve_general_linear(f, *sides)
         elif isinstance(f, RotationScaling):
-            values[child] = solve_rotation_scaling(f, xa, xb)
+            values[child] = solve_rotation_scaling(f, *sides)
     cont_delta = spec.identity().replace(**values)
     _apply(spec, b, cont_delta, list(values))
     return perm_delta, cont_delta
