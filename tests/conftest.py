@@ -26,6 +26,12 @@ PARAM_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 N_ELEMENTS = 20
 
 
+
+def pytest_configure(config):
+    """Every test uses small tensors: one torch thread avoids oversubscribing the 2 cores (much faster under load)."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def dtype(request) -> torch.dtype:
     """float32 and float64 (parametrized by :func:`pytest_generate_tests`)."""

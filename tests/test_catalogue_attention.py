@@ -9,11 +9,6 @@ from symm.evaluate import functional, state_dict_of
 from symm.models import TransformerConfig, TransformerLM, spec_for
 from symm.testing import assert_group_axioms, assert_invariant, assert_not_invariant
 
-@pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])
-def dtype(request):
-    return request.param
-
-
 CASES = {
     "none": TransformerConfig(pe="none", n_kv_heads=2),
     "sinusoidal": TransformerConfig(pe="sinusoidal", n_kv_heads=2),

@@ -11,11 +11,6 @@ from symm.models import TransformerConfig, TransformerLM, spec_for
 from symm.testing import assert_group_axioms, assert_invariant, assert_not_invariant
 
 
-@pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])
-def dtype(request):
-    return request.param
-
-
 GATINGS = ["dense", "topk", "top1", "sigmoid"]
 
 

@@ -15,6 +15,7 @@ from symm import (
     On,
     Permutation,
     PositiveScaling,
+    Segment,
     Shift,
     Spec,
     SpecError,
@@ -337,3 +338,60 @@ def test_routed_negative_controls():
     shifted_rows = dict(params)
     shifted_rows["router"] = params["router"] + torch.randn(E, D, generator=gen(9), dtype=torch.float64)  # per-row
     testing.assert_not_invariant(f, params, shifted_rows)
+
+
+# ----- segments, shifts along other axes, children of head permutations --------------------------------------
+
+
+def test_fused_segments_act_like_separate_parameters():
+    """A fused gate|up weight (2n, d) split in two segments acts exactly like the two separate weights."""
+    n, d = 5, 3
+    factors = [Permutation("u", n), PositiveScaling("u.s", n, parent="u")]
+    gate, up, down = [On("u")], [On("u"), On("u.s")], [On("u", "in"), On("u.s", "in")]
+    fused = Spec(Fragment.of(factors, {"gu": param((2 * n, d), [Segment(n, tuple(gate)), Segment(n, tuple(up))]),
+                                        "down": param((d, n), None, down)}))
+    split = Spec(Fragment.of(factors, {"g": param((n, d), gate), "up": param((n, d), up), "down": param((d, n), None, down)}))
+    params = random_params(fused)
+    g = fused.sample(0)
+    moved = fused.act(params, g)
+    ref = split.act({"g": params["gu"][:n], "up": params["gu"][n:], "down": params["down"]}, GroupElement(split, g.values))
+    assert torch.allclose(moved["gu"], torch.cat([ref["g"], ref["up"]]))
+    assert torch.allclose(moved["down"], ref["down"])
+    assert_axioms(fused, params)
+
+
+def test_translation_along_axis_one():
+    """A router stored transposed (d, E) is shifted along axis 1; the stream permutes its rows."""
+    spec = Spec(Fragment.of(
+        [Permutation("s", D), Permutation("e", E), Translation("t", D)],
+        {"emb": param((D, D_IN), On("s")), "r": param((D, E), On("s", "in"), On("e"), shifts=[Shift("t", 1)]),
+         "w": param((E, N_OUT), On("e", "in"))},
+    ))
+    params = random_params(spec)
+    x = torch.randn(7, D_IN, generator=gen(3), dtype=torch.float64)
+    f = lambda p: torch.softmax((x @ p["emb"].T) @ p["r"], -1) @ p["w"]  # noqa: E731
+    assert_axioms(spec, params)
+    assert testing.assert_invariant(f, spec, params) < 1e-10
+    t = spec.sample(1, only=["t"])
+    assert torch.allclose(spec.act(params, t)["r"] - params["r"], t.values["t"].unsqueeze(1).expand(D, E))
+
+
+def test_per_head_child_under_a_grouped_head_permutation():
+    """Children of a head permutation may live on heads (count = heads) or on KV groups (count = groups)."""
+    from symm import GeneralLinear, HeadPermutation, RotationScaling
+
+    heads, groups, dh = 4, 2, 4
+    spec = Spec(Fragment.of(
+        [HeadPermutation("h", heads, groups=groups, head_dim=dh), RotationScaling("c", heads, parent="h", dim=dh),
+         GeneralLinear("v", groups, parent="h", dim=dh)],
+        {
+            "q": param((heads * dh, 3), [On("h"), On("c")]),
+            "q_in": param((3, heads * dh), None, [On("h", "in"), On("c", "in")]),
+            "k": param((groups * dh, 3), [On("h"), On("v")]),
+            "k_in": param((3, groups * dh), None, [On("h", "in"), On("v", "in")]),
+        },
+    ))
+    params = random_params(spec)
+    f = lambda p: torch.cat([(p["q_in"] @ p["q"]).flatten(), (p["k_in"] @ p["k"]).flatten()])  # noqa: E731
+    assert_axioms(spec, params)
+    assert testing.assert_invariant(f, spec, params) < 1e-10

@@ -339,11 +339,6 @@ def test_general_linear_keeps_q_k_transpose(kv, r, d, seed):
         assert not torch.allclose(gqa_scores(heads(q2), heads(k_wrong), r), gqa_scores(heads(q), heads(k), r), atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="symm bug: GeneralLinear.sample promises 'both signs of det' but det(U)=det(V)=(-1)^(d-1) from "
-    "torch.linalg.qr (Householder), so det(U diag(s) V) > 0 always: only GL+(d) is ever sampled",
-)
 def test_general_linear_samples_both_determinant_signs():
     f = GeneralLinear("g", 64, dim=3)
     det = torch.linalg.det(f.sample(gen(0)))

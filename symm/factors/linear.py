@@ -56,6 +56,9 @@ class GeneralLinear(Factor):
         u, _ = torch.linalg.qr(torch.randn(shape, generator=generator, dtype=torch.float64))
         v, _ = torch.linalg.qr(torch.randn(shape, generator=generator, dtype=torch.float64))
         s = torch.exp(self.log_std * torch.randn(self.n_units, self.dim, generator=generator, dtype=torch.float64))
+        # QR of a square Gaussian fixes det(Q) = (-1)^(d-1), so flip one column at random for both signs of det
+        flip = 2.0 * torch.randint(0, 2, (self.n_units, 1), generator=generator, dtype=torch.float64) - 1.0
+        u = torch.cat([u[..., :1] * flip.unsqueeze(-1), u[..., 1:]], dim=-1)
         return (u * s.unsqueeze(-2) @ v).reshape(self.element_shape)
 
     def compose(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,7 @@ class Permutation(Factor):
 
 
 @dataclass(frozen=True)
-class HeadPermutation(Factor):
+class HeadPermutation(Permutation):
     """Permutations of ``count`` attention heads of size ``head_dim`` that map KV groups to KV groups.
 
     With ``groups`` KV heads, query head ``h`` belongs to group ``h // (count // groups)``; an element
@@ -122,27 +122,14 @@ class HeadPermutation(Factor):
     def _describe_extra(self) -> str:
         return f" heads in {self.groups} KV groups, head_dim {self.head_dim}"
 
-    def identity(self) -> torch.Tensor:
-        return torch.arange(self.count)
-
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         r = self.heads_per_group
         group_perm = torch.randperm(self.groups, generator=generator)
         within = torch.stack([torch.randperm(r, generator=generator) for _ in range(self.groups)])
         return (group_perm.unsqueeze(-1) * r + within).reshape(-1)
 
-    def compose(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return compose_indices(a, b)
-
-    def inverse(self, a: torch.Tensor) -> torch.Tensor:
-        return torch.argsort(a, dim=-1)
-
-    def is_identity(self, a: torch.Tensor, atol: float = 0.0) -> bool:
-        return bool((a == self.identity()).all())
-
     def check_element(self, element: torch.Tensor) -> None:
         super().check_element(element)
-        _check_perm_rows(element, self.name)
         r = self.heads_per_group
         groups = (element // r).reshape(self.groups, r)
         if not bool((groups == groups[:, :1]).all()):
