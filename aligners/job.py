@@ -122,7 +122,8 @@ def resolve(a: Checkpoint, b: Checkpoint, activation: str | None, data: str | No
         if data not in (None, "text"):
             raise CheckpointError(f"language models are evaluated on --data text, not {data!r}")
         vocab = a.model.config.vocab_size
-        return spec, lm_task(a.model, byte_tokens(vocab_size=min(vocab, 256), n_train=256, n_test=64), hf=True), "hf causal LM"
+        kind = f"Hugging Face {a.model.config.model_type} causal LM ({spec.name})"
+        return spec, lm_task(a.model, byte_tokens(vocab_size=min(vocab, 256), n_train=256, n_test=64), hf=True), kind
     compare_state_dicts(a.params, b.params, (str(a.path), str(b.path)))
     inferred = infer_spec(a.params, activation=activation or "relu")
     model = DenseChain(inferred).eval()

@@ -7,7 +7,8 @@
    Gram matrices); head permutations are matched on per-head invariants, then their GL / RoPE children are
    solved in closed form; translations by centring. Each step yields an update Delta applied to the current
    B, and the running element is ``Delta . g`` (so composition does the bookkeeping).
-3. Stop when a full sweep changes no permutation.
+3. Stop when a full sweep changes no permutation or does not raise the objective sum <theta_A, g.theta_B>
+   (steps matched on invariants can cycle); the best element seen is returned.
 Result: ``c_A^{-1} . g . c_B``, applied with ``spec.act`` like every element.
 """
 
@@ -200,6 +201,7 @@ def weight_matching(
     movable = [n for n in spec.factor_order if n not in fixed and isinstance(spec.factors[n], (Permutation, HeadPermutation))]
     translations = [n for n in spec.factor_order if n not in fixed and isinstance(spec.factors[n], Translation)]
     gen = torch.Generator().manual_seed(seed)
+    best: tuple[float, GroupElement] | None = None
     bar = tqdm(range(max_sweeps), desc="weight matching", unit="sweep", disable=not progress or not movable, leave=False)
     for sweep in bar:
         changed = 0
@@ -219,11 +221,16 @@ def weight_matching(
             delta = _translation_step(spec, a_hat, b_cur, name)
             _apply(spec, b_cur, delta, [name])
             g = delta.compose(g)
-        info.objective.append(_objective(a_hat, b_cur))
+        objective = _objective(a_hat, b_cur)
+        info.objective.append(objective)
         info.sweeps = sweep + 1
-        bar.set_postfix(changed=changed, objective=f"{info.objective[-1]:.4g}")
-        if changed == 0:
+        bar.set_postfix(changed=changed, objective=f"{objective:.4g}")
+        if best is None or objective > best[0]:
+            best = (objective, g)
+        no_progress = len(info.objective) > 1 and objective <= info.objective[-2] + 1e-12 * abs(info.objective[-2])
+        if changed == 0 or no_progress:
             info.converged = True
             break
     log.info("weight matching: %d sweeps, converged=%s", info.sweeps, info.converged)
+    g = best[1] if best is not None else g
     return canon_a.inverse().compose(g).compose(canon_b)
