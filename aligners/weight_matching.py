@@ -84,8 +84,13 @@ def _gram_descriptor(x: torch.Tensor, unit_axis: int, child_axis: int) -> torch.
     return torch.einsum("eir,eis->ers", rows, rows).reshape(moved.shape[0], -1)
 
 
-def permutation_score(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-    """Summed correlation ``S[i, j]`` of unit i of A with unit j of B over every use of factor ``name``."""
+def permutation_score(
+    spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Summed correlation ``S[i, j]`` of unit i of A with unit j of B over every use of factor ``name``.
+
+    The matmuls run in ``dtype`` (float32 for float32 checkpoints: the assignment needs no more).
+    """
     factor = spec.factors[name]
     batched = {d for d in _descendants(spec, name) if spec.factors[d].batch}
     score = None
@@ -97,13 +102,14 @@ def permutation_score(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str,
             db = _gram_descriptor(b[pname], axis, child_axes[0])
             part = (da @ db.T) / (da.norm() * db.norm()).clamp_min(1e-300)
         else:
-            ra = unit_matrix(spec, a[pname], axis, offset, seg.size, on)
-            rb = unit_matrix(spec, b[pname], axis, offset, seg.size, on)
+            ra = unit_matrix(spec, a[pname], axis, offset, seg.size, on).to(dtype)
+            rb = unit_matrix(spec, b[pname], axis, offset, seg.size, on).to(dtype)
             if batched:  # e.g. router rows: centre (translation-invariant) and normalise
                 ra, rb = ra - ra.mean(0), rb - rb.mean(0)
                 part = (ra @ rb.transpose(-1, -2)) / (ra.norm() * rb.norm()).clamp_min(1e-300)
             else:
                 part = ra @ rb.transpose(-1, -2)
+        part = part.double()
         score = part if score is None else score + part
     assert score is not None
     return score.reshape(*factor.batch, factor.count, factor.count)
@@ -116,8 +122,8 @@ def _sign_child(spec: Spec, name: str) -> str | None:
     return None
 
 
-def _permutation_step(spec: Spec, a, b, name: str, backend: str) -> GroupElement | None:
-    score = permutation_score(spec, a, b, name)
+def _permutation_step(spec: Spec, a, b, name: str, backend: str, dtype: torch.dtype) -> GroupElement | None:
+    score = permutation_score(spec, a, b, name, dtype)
     sign = _sign_child(spec, name)
     sigma = linear_assignment(score.abs() if sign else score, backend)
     factor = spec.factors[name]
@@ -190,6 +196,8 @@ def weight_matching(
     if unknown:
         raise SpecError(f"fixed values for unknown factors: {sorted(unknown)}")
     a64, b64 = _to64(params_a), _to64(params_b)
+    exact = any(v.dtype == torch.float64 for v in (*params_a.values(), *params_b.values()))
+    score_dtype = torch.float64 if exact else torch.float32
     canon_a, canon_b = balance_scalings(spec, a64), balance_scalings(spec, b64)
     a_hat = spec.act(a64, canon_a)
     b_cur = spec.act(b64, canon_b)
@@ -213,7 +221,7 @@ def weight_matching(
                     g, changed = perm_delta.compose(g), changed + 1
                 g = cont_delta.compose(g)
                 continue
-            delta = _permutation_step(spec, a_hat, b_cur, name, backend)
+            delta = _permutation_step(spec, a_hat, b_cur, name, backend, score_dtype)
             if delta is not None:
                 _apply(spec, b_cur, delta, [name] + [n for n in delta.spec.factors if spec.factors[n].parent == name])
                 g, changed = delta.compose(g), changed + 1
