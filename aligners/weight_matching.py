@@ -3,8 +3,8 @@
 1. Scalings are fixed canonically (balanced forms, :mod:`aligners.canonical`).
 2. Block-coordinate ascent over the permutation factors in random order: each step is one linear assignment on
    the summed correlation of every tensor axis the factor touches (signed when a sign-flip child rides along);
-   a permutation with batched children (experts) is matched on invariant descriptors (centred rows, per-unit
-   Gram matrices); head permutations are matched on per-head invariants, then their GL / RoPE children are
+   a permutation with batched children (experts) is matched on invariant scores (centred router rows, and
+   per expert pair the value of the best assignment of their units); head permutations are matched on per-head invariants, then their GL / RoPE children are
    solved in closed form; translations by centring. Each step yields an update Delta applied to the current
    B, and the running element is ``Delta . g`` (so composition does the bookkeeping).
 3. Stop when a full sweep changes no permutation or does not raise the objective sum <theta_A, g.theta_B>
@@ -77,30 +77,54 @@ def _segment(spec: Spec, pname: str, axis: int, offset: int):
     raise KeyError((pname, axis, offset))
 
 
-def _gram_descriptor(x: torch.Tensor, unit_axis: int, child_axis: int) -> torch.Tensor:
-    """Per unit along ``unit_axis``: X^T X with rows along ``child_axis`` (invariant to permuting those rows)."""
-    moved = x.movedim((unit_axis, child_axis), (0, 1))
-    rows = moved.reshape(moved.shape[0], moved.shape[1], -1)
-    return torch.einsum("eir,eis->ers", rows, rows).reshape(moved.shape[0], -1)
+def _batched_rows(spec: Spec, pname: str, x: torch.Tensor, unit_axis: int, children: set[str]) -> list[torch.Tensor]:
+    """``(E, I, features)`` per segment carrying a batched child permutation along ``unit_axis`` (experts)."""
+    out = []
+    for axis, offset, seg in spec.params[pname].segments():
+        for on in seg.acts:
+            if on.factor in children and on.batch_axis == unit_axis:
+                part = x.narrow(axis, offset, seg.size).movedim((unit_axis, axis), (0, 1))
+                out.append(part.reshape(part.shape[0], part.shape[1], -1))
+    return out
+
+
+def _paired_unit_score(xa: torch.Tensor, xb: torch.Tensor, backend: str) -> torch.Tensor:
+    """S[e, f] = best assignment value between the units of expert e of A and expert f of B (normalised)."""
+    n = xa.shape[0]
+    score = torch.empty(n, n, dtype=torch.float64)
+    for e in range(n):
+        corr = torch.einsum("ir,fjr->fij", xa[e], xb)
+        sigma = linear_assignment(corr, backend)
+        score[e] = corr.gather(-1, sigma.unsqueeze(-1)).squeeze(-1).sum(-1).double()
+    return score / (xa.norm() * xb.norm()).clamp_min(1e-300).double()
 
 
 def permutation_score(
-    spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype = torch.float64
+    spec: Spec,
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    name: str,
+    dtype: torch.dtype = torch.float64,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Summed correlation ``S[i, j]`` of unit i of A with unit j of B over every use of factor ``name``.
 
-    The matmuls run in ``dtype`` (float32 for float32 checkpoints: the assignment needs no more).
+    The matmuls run in ``dtype`` (float32 for float32 checkpoints: the assignment needs no more). For experts
+    (a factor with batched child permutations) the score of a pair is the value of the best assignment of their
+    units, plus the correlation of centred router rows (translation-invariant).
     """
     factor = spec.factors[name]
-    batched = {d for d in _descendants(spec, name) if spec.factors[d].batch}
+    batched = {d for d in _descendants(spec, name) if spec.factors[d].batch and spec.factors[d].is_permutation}
     score = None
+    rows_a: list[torch.Tensor] = []
+    rows_b: list[torch.Tensor] = []
     for pname, axis, offset, on in spec.uses(name):
         seg = _segment(spec, pname, axis, offset)
-        child_axes = [ax for ax, _, s in spec.params[pname].segments() for o in s.acts if o.factor in batched and o.batch_axis == axis]
-        if batched and child_axes:
-            da = _gram_descriptor(a[pname], axis, child_axes[0])
-            db = _gram_descriptor(b[pname], axis, child_axes[0])
-            part = (da @ db.T) / (da.norm() * db.norm()).clamp_min(1e-300)
+        batched_rows = _batched_rows(spec, pname, a[pname], axis, batched) if batched else []
+        if batched_rows:  # expert weights: compared after matching their own units (invariant to those)
+            rows_a += [r.to(dtype) for r in batched_rows]
+            rows_b += [r.to(dtype) for r in _batched_rows(spec, pname, b[pname], axis, batched)]
+            continue
         else:
             ra = unit_matrix(spec, a[pname], axis, offset, seg.size, on).to(dtype)
             rb = unit_matrix(spec, b[pname], axis, offset, seg.size, on).to(dtype)
@@ -110,6 +134,9 @@ def permutation_score(
             else:
                 part = ra @ rb.transpose(-1, -2)
         part = part.double()
+        score = part if score is None else score + part
+    if rows_a:
+        part = _paired_unit_score(torch.cat(rows_a, -1), torch.cat(rows_b, -1), backend)
         score = part if score is None else score + part
     assert score is not None
     return score.reshape(*factor.batch, factor.count, factor.count)
@@ -123,7 +150,7 @@ def _sign_child(spec: Spec, name: str) -> str | None:
 
 
 def _permutation_step(spec: Spec, a, b, name: str, backend: str, dtype: torch.dtype) -> GroupElement | None:
-    score = permutation_score(spec, a, b, name, dtype)
+    score = permutation_score(spec, a, b, name, dtype, backend)
     sign = _sign_child(spec, name)
     sigma = linear_assignment(score.abs() if sign else score, backend)
     factor = spec.factors[name]
