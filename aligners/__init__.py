@@ -4,6 +4,7 @@ from .activation_matching import activation_correlations, activation_matching, h
 from .barrier import BarrierReport, Curve, interpolate, lmc_curve, naive_vs_aligned, reset_batchnorm
 from .canonical import balance_scalings
 from .plot import plot_barrier
+from .repair import repair
 from .solvers import linear_assignment
 from .weight_matching import MatchInfo, weight_matching
 
@@ -20,6 +21,7 @@ __all__ = [
     "lmc_curve",
     "naive_vs_aligned",
     "plot_barrier",
+    "repair",
     "reset_batchnorm",
     "weight_matching",
 ]

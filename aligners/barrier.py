@@ -47,13 +47,25 @@ class Curve:
         return {**asdict(self), "loss_barrier": self.loss_barrier, "accuracy_barrier": self.accuracy_barrier}
 
 
-def lmc_curve(evaluate: Evaluate, a: Params, b: Params, n_points: int = 25, progress: bool = True, desc: str = "interpolating") -> Curve:
+def lmc_curve(
+    evaluate: Evaluate,
+    a: Params,
+    b: Params,
+    n_points: int = 25,
+    progress: bool = True,
+    desc: str = "interpolating",
+    correct: Callable[[dict, float], dict] | None = None,
+) -> Curve:
+    """Loss and accuracy at ``n_points`` evenly spaced alphas; ``correct(params, alpha)`` may renormalise (REPAIR)."""
     if n_points < 2:
         raise ValueError(f"need at least 2 interpolation points, got {n_points}")
     alphas = [i / (n_points - 1) for i in range(n_points)]
     losses, accs = [], []
     for t in tqdm(alphas, desc=desc, disable=not progress, leave=False):
-        loss, acc = evaluate(interpolate(a, b, t))
+        mixed = interpolate(a, b, t)
+        if correct is not None and 0.0 < t < 1.0:
+            mixed = correct(mixed, t)
+        loss, acc = evaluate(mixed)
         losses.append(float(loss))
         accs.append(float(acc))
     return Curve(alphas, losses, accs)
@@ -86,18 +98,36 @@ def reset_batchnorm(model: nn.Module, params: Params, inputs: torch.Tensor, batc
 class BarrierReport:
     naive: Curve
     aligned: Curve
+    repaired: Curve | None = None
+
+    @property
+    def curves(self) -> dict[str, Curve]:
+        out = {"naive": self.naive, "aligned": self.aligned}
+        if self.repaired is not None:
+            out["aligned+REPAIR"] = self.repaired
+        return out
 
     def to_dict(self) -> dict:
+        curves = self.curves
         return {
-            "naive": self.naive.to_dict(),
-            "aligned": self.aligned.to_dict(),
-            "loss_barrier": {"naive": self.naive.loss_barrier, "aligned": self.aligned.loss_barrier},
-            "accuracy_barrier": {"naive": self.naive.accuracy_barrier, "aligned": self.aligned.accuracy_barrier},
+            **{name: c.to_dict() for name, c in curves.items()},
+            "loss_barrier": {name: c.loss_barrier for name, c in curves.items()},
+            "accuracy_barrier": {name: c.accuracy_barrier for name, c in curves.items()},
         }
 
 
-def naive_vs_aligned(evaluate: Evaluate, a: Params, b: Params, b_aligned: Params, n_points: int = 25, progress: bool = True) -> BarrierReport:
+def naive_vs_aligned(
+    evaluate: Evaluate,
+    a: Params,
+    b: Params,
+    b_aligned: Params,
+    n_points: int = 25,
+    progress: bool = True,
+    correct: Callable[[dict, float], dict] | None = None,
+) -> BarrierReport:
+    """Naive and aligned curves; with ``correct`` (e.g. REPAIR) also the corrected aligned curve."""
     return BarrierReport(
         naive=lmc_curve(evaluate, a, b, n_points, progress, "naive interpolation"),
         aligned=lmc_curve(evaluate, a, b_aligned, n_points, progress, "aligned interpolation"),
+        repaired=None if correct is None else lmc_curve(evaluate, a, b_aligned, n_points, progress, "aligned + REPAIR", correct),
     )

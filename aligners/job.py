@@ -29,6 +29,7 @@ from symm.spec import Spec
 from .activation_matching import activation_matching
 from .barrier import has_batchnorm, naive_vs_aligned, reset_batchnorm
 from .plot import plot_barrier
+from .repair import repair
 from .weight_matching import MatchInfo, weight_matching
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ def align(
     seed: int = 0,
     backend: str = "auto",
     overwrite: bool = False,
+    use_repair: bool = False,
     progress: bool = True,
 ) -> dict:
     """Align B onto A, measure naive vs aligned barriers, write aligned B, ``report.json`` and ``barrier.png``."""
@@ -205,7 +207,10 @@ def align(
     t_align = time.perf_counter() - t1
     aligned = spec.act(b.params, g)
     t2 = time.perf_counter()
-    barrier = naive_vs_aligned(task.evaluate, a.params, b.params, aligned, n_points, progress)
+    correct = None
+    if use_repair:
+        correct = lambda mixed, t: repair(spec, task.model, a.params, aligned, mixed, t, task.inputs)  # noqa: E731
+    barrier = naive_vs_aligned(task.evaluate, a.params, b.params, aligned, n_points, progress, correct)
     t_barrier = time.perf_counter() - t2
     out_dir.mkdir(parents=True, exist_ok=True)
     save_aligned(b, aligned, paths["aligned"])
@@ -214,6 +219,7 @@ def align(
         "spec": {"name": spec.name, "factors": len(spec.factors), "parameters": len(spec.params), "continuous_dimension": spec.dimension},
         "method": method,
         "backend": backend,
+        "repair": use_repair,
         "data": task.data_name,
         "sweeps": info.sweeps,
         "converged": info.converged,

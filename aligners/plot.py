@@ -14,7 +14,7 @@ from symm.io import atomic_write  # noqa: E402
 
 from .barrier import BarrierReport, Curve  # noqa: E402
 
-STYLE = {"naive": ("tab:red", "--"), "aligned": ("tab:blue", "-")}
+STYLE = {"naive": ("tab:red", "--"), "aligned": ("tab:blue", "-"), "aligned+REPAIR": ("tab:green", "-.")}
 
 
 def _panel(ax, curves: dict[str, Curve], metric: str, ylabel: str) -> None:
@@ -37,7 +37,7 @@ def _panel(ax, curves: dict[str, Curve], metric: str, ylabel: str) -> None:
 
 def plot_barrier(report: BarrierReport, path: str | os.PathLike, title: str = "") -> Path:
     """Write a two-panel PNG atomically; returns its path."""
-    curves = {"naive": report.naive, "aligned": report.aligned}
+    curves = report.curves
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     _panel(axes[0], curves, "loss", "loss")
     _panel(axes[1], curves, "accuracy", "accuracy")

@@ -26,6 +26,8 @@ def _print_report(report: dict) -> None:
     print(f"{report['method']} matching, {report['sweeps']} sweeps, {report['timings_s']['align']:.2f} s; data: {report['data']}")
     print(f"loss barrier:     naive {lb['naive']:.4f}   aligned {lb['aligned']:.4f}   ({_ratio(lb)})")
     print(f"accuracy barrier: naive {ab['naive']:.4f}   aligned {ab['aligned']:.4f}")
+    if "aligned+REPAIR" in lb:
+        print(f"with REPAIR:      loss {lb['aligned+REPAIR']:.4f}   accuracy {ab['aligned+REPAIR']:.4f}")
     outs = report["outputs"]
     print(f"wrote {outs['aligned']}, {outs['report']}, {outs['plot']}")
 
@@ -39,7 +41,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
     report = align(
         args.a, args.b, args.out, method=args.method, data=args.data, activation=args.activation, n_points=args.points,
-        seed=args.seed, backend=args.backend, overwrite=args.overwrite, progress=not args.quiet,
+        seed=args.seed, backend=args.backend, overwrite=args.overwrite, use_repair=args.repair, progress=not args.quiet,
     )
     print(report["models"]["architecture"])
     _print_report(report)
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--seed", type=int, default=0)
     al.add_argument("--backend", choices=["auto", "scipy", "lapx"], default="auto", help="linear-assignment solver")
     al.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never overwritten)")
+    al.add_argument("--repair", action="store_true", help="also plot the aligned path with REPAIR renormalisation of hidden units")
     al.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     al.set_defaults(func=_cmd_align)
 

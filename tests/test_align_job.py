@@ -54,9 +54,10 @@ def test_cli_align_state_dicts(digits_pair, tmp_path, capsys):
     _, _, (pa, pb) = digits_pair
     before = pb.read_bytes()
     out = tmp_path / "out"
-    assert main(["align", str(pa), str(pb), "--out", str(out), "--quiet", "--points", "9"]) == 0
+    assert main(["align", str(pa), str(pb), "--out", str(out), "--quiet", "--points", "9", "--repair"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["loss_barrier"]["aligned"] < 0.3 * report["loss_barrier"]["naive"]
+    assert report["loss_barrier"]["aligned+REPAIR"] <= report["loss_barrier"]["aligned"] + 1e-3
     assert (out / "barrier.png").stat().st_size > 10_000
     assert (out / "B_aligned.safetensors").is_file()
     assert pb.read_bytes() == before  # input untouched
@@ -132,3 +133,20 @@ def test_bad_inputs_fail_cleanly(digits_pair, llama_pair, tmp_path, capsys):
     assert main(["align", str(a_copy), str(clash / "B.safetensors"), "--out", str(clash), "--quiet", "--overwrite"]) == 2
     assert "would overwrite input" in capsys.readouterr().err
     assert a_copy.read_bytes() == before and sorted(p.name for p in clash.iterdir()) == ["B.safetensors", "B_aligned.safetensors"]
+
+
+def test_repair_restores_endpoint_statistics(digits_pair):
+    """After REPAIR at alpha, each hidden unit's mean and std equal the interpolated endpoint statistics."""
+    from aligners import interpolate, repair
+    from aligners.repair import _unit_stats
+
+    data, (ma, mb), _ = digits_pair
+    a, b = state_dict_of(ma), state_dict_of(mb)
+    spec = spec_for(ma)
+    b = spec.act(b, weight_matching(spec, a, b, progress=False))
+    mixed = repair(spec, ma, a, b, interpolate(a, b, 0.5), 0.5, data.x_train)
+    mu, sd = _unit_stats(ma, mixed, "layers.1", data.x_train)
+    mu_a, sd_a = _unit_stats(ma, a, "layers.1", data.x_train)
+    mu_b, sd_b = _unit_stats(ma, b, "layers.1", data.x_train)
+    assert torch.allclose(mu, (mu_a + mu_b) / 2, atol=1e-4)
+    assert torch.allclose(sd, (sd_a + sd_b) / 2, rtol=1e-4)
