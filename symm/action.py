@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import SpecError
-from .factors import Translation
+from .factors import Permutation, PositiveScaling, SignFlip, Translation
 
 if TYPE_CHECKING:
     from .element import GroupElement
@@ -57,9 +57,15 @@ def apply_linear(
     for _, axis, offset, size, on in jobs:
         factor = spec.factors[on.factor]
         seg = y.narrow(axis, offset, size)
-        if on.batch_axis is None:
+        element = values[on.factor]
+        if on.batch_axis is None and isinstance(factor, Permutation):  # fast path: gather along the axis itself
+            done = seg.index_select(axis, factor.entry_index(element, size, on.repeat, on.block))
+        elif on.batch_axis is None and isinstance(factor, (PositiveScaling, SignFlip)):
+            scale = factor.entry_values(element.to(y.dtype), on.side, on.repeat, on.block)
+            done = seg * scale.reshape((-1,) + (1,) * (y.dim() - axis - 1))
+        elif on.batch_axis is None:
             moved = seg.movedim(axis, -1)
-            done = factor.apply(moved, values[on.factor], on.side, on.repeat, on.block).movedim(-1, axis)
+            done = factor.apply(moved, element, on.side, on.repeat, on.block).movedim(-1, axis)
         else:
             moved = seg.movedim((on.batch_axis, axis), (0, -1))
             done = factor.apply(moved, values[on.factor], on.side, on.repeat, on.block)

@@ -82,6 +82,10 @@ class Permutation(Factor):
             raise ValueError(f"factor {self.name!r} ({self.n_units} units) cannot index {n_units} units")
         return expand_index(self.flat_index(element), n_units // self.n_units)
 
+    def entry_index(self, element: torch.Tensor, entries: int, repeat: int, block: int) -> torch.Tensor:
+        """Gather index over the ``entries`` entries of an axis segment (unbatched factors)."""
+        return expand_index(element, repeat * block * self.unit_size)
+
     def apply(self, x: torch.Tensor, element: torch.Tensor, side: Side, repeat: int, block: int) -> torch.Tensor:
         index = expand_index(element, repeat * block * self.unit_size)
         return gather_last(x, index, len(self.batch))
@@ -157,8 +161,9 @@ class HeadPermutation(Permutation):
             f"{self.groups} KV groups of head_dim {self.head_dim}"
         )
 
+    def entry_index(self, element: torch.Tensor, entries: int, repeat: int, block: int) -> torch.Tensor:
+        units = self.level_units(entries // (repeat * block))
+        return expand_index(self.gather_index(element, units), repeat * block * self.head_dim)
+
     def apply(self, x: torch.Tensor, element: torch.Tensor, side: Side, repeat: int, block: int) -> torch.Tensor:
-        entries = x.shape[-1] // (repeat * block)
-        units = self.level_units(entries)
-        index = self.gather_index(element, units)
-        return gather_last(x, expand_index(index, repeat * block * self.head_dim), 0)
+        return gather_last(x, self.entry_index(element, x.shape[-1], repeat, block), 0)

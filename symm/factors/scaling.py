@@ -22,12 +22,13 @@ class _Diagonal(Factor):
     def inverse(self, a: torch.Tensor) -> torch.Tensor:
         return 1.0 / a
 
-    def _entry_values(self, element: torch.Tensor, side: Side, repeat: int, block: int) -> torch.Tensor:
+    def entry_values(self, element: torch.Tensor, side: Side, repeat: int, block: int) -> torch.Tensor:
+        """Per-entry multipliers over an axis segment (``out``: the element, ``in``: its inverse)."""
         values = element if side == "out" else 1.0 / element
         return expand_units(values, repeat, block)
 
     def apply(self, x: torch.Tensor, element: torch.Tensor, side: Side, repeat: int, block: int) -> torch.Tensor:
-        values = self._entry_values(element.to(x.dtype), side, repeat, block)
+        values = self.entry_values(element.to(x.dtype), side, repeat, block)
         return x * broadcast_batch(values, x, len(self.batch))
 
 
