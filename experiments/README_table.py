@@ -1,0 +1,41 @@
+"""Print the README's experiment tables from experiments/results/*.json (so the README quotes measured numbers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    r = json.loads((RESULTS / "mlp_width.json").read_text())["rows"]
+    print("| data | width | test acc A / B | loss barrier: naive | weights | activations | acc. barrier: naive | weights | activations |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for x in r:
+        print(
+            f"| {x['dataset']} | {x['width']} | {x['acc_A']:.3f} / {x['acc_B']:.3f} | {x['loss_naive']:.3f} | {x['loss_weights']:.3f} | "
+            f"{x['loss_activations']:.3f} | {x['acc_naive']:.3f} | {x['acc_weights']:.3f} | {x['acc_activations']:.3f} |"
+        )
+    print()
+    r = json.loads((RESULTS / "lm_pe.json").read_text())
+    print("| model | PE | test loss A / B | loss barrier: naive | heads only | heads + within-head |")
+    print("|---|---|---|---|---|---|")
+    for x in r["rows"]:
+        print(f"| {x['model']} | {x['pe']} | {x['loss_A']:.3f} / {x['loss_B']:.3f} | {x['barrier_naive']:.3f} | {x['barrier_heads-only']:.3f} | {x['barrier_full']:.3f} |")
+    print()
+    r = json.loads((RESULTS / "moe_experts.json").read_text())
+    print("| gating | test loss A / B | loss barrier: naive | without expert order | with expert order |")
+    print("|---|---|---|---|---|")
+    for x in r["rows"]:
+        print(f"| {x['gating']} | {x['loss_A']:.3f} / {x['loss_B']:.3f} | {x['barrier_naive']:.3f} | {x['barrier_no-expert-order']:.3f} | {x['barrier_expert-order']:.3f} |")
+    print()
+    r = json.loads((RESULTS / "bench_align.json").read_text())["rows"]
+    print("| case | backend | sweeps | seconds | s / sweep | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|")
+    for x in r:
+        print(f"| {x['case']} | {x['backend']} | {x['sweeps']} | {x['seconds']:.2f} | {x['s_per_sweep']:.3f} | {x['peak_rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
