@@ -1,0 +1,1 @@
+"""Metanetworks (JAX/Flax) parameterised by the catalogue's Spec: the next issues build them here."""
