@@ -25,6 +25,7 @@ from symm.errors import CheckpointError, SpecError
 from symm.evaluate import functional
 from symm.io import assert_finite, atomic_write_text, checkpoint_format, compare_state_dicts, load_state_dict, save_state_dict
 from symm.spec import Spec
+from symm.train import evaluate_classifier
 
 from .activation_matching import activation_matching
 from .barrier import has_batchnorm, naive_vs_aligned, reset_batchnorm
@@ -75,14 +76,10 @@ class Task:
 
 
 def _classifier_task(model: nn.Module, split: Split) -> Task:
-    f = functional(model)
-
-    @torch.no_grad()
     def evaluate(params):
         if has_batchnorm(model):
             params = reset_batchnorm(model, params, split.x_train)
-        logits = f(params, split.x_test)
-        return nn.functional.cross_entropy(logits, split.y_test).item(), (logits.argmax(-1) == split.y_test).float().mean().item()
+        return evaluate_classifier(model, params, split.x_test, split.y_test)
 
     return Task(model, split.name, split.x_train, evaluate)
 
