@@ -5,7 +5,7 @@ from .barrier import BarrierReport, Curve, interpolate, lmc_curve, naive_vs_alig
 from .canonical import balance_scalings
 from .plot import plot_barrier
 from .repair import repair
-from .solvers import linear_assignment
+from .assignment import linear_assignment
 from .weight_matching import MatchInfo, weight_matching
 
 __all__ = [

@@ -17,7 +17,7 @@ from symm.evaluate import functional
 from symm.factors import Permutation, SignFlip
 from symm.spec import Spec
 
-from .solvers import linear_assignment
+from .assignment import linear_assignment
 from .weight_matching import MatchInfo, weight_matching
 
 log = logging.getLogger(__name__)

@@ -3,72 +3,116 @@
 Every positive-scaling orbit holds exactly one *balanced* point, the minimiser of ||c . theta||^2 over the
 scalings c: for each unit, the squared norm of what it produces equals the squared norm of what reads it
 (a^4 = in^2 / out^2 per unit). The minimiser is unique and commutes with permutations, so two networks in one
-orbit have balanced forms that differ by a pure permutation. Coupled layers are balanced by coordinate
-descent in log-space (convex), to a tolerance on log a.
+orbit have balanced forms that differ by a pure permutation. Coupled layers are balanced by exact coordinate
+descent in log-space (convex), to a tolerance on log a. The weights are squared once; each step only reweights
+those squares (no action on the weights).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
-from symm.action import act_param
 from symm.element import GroupElement
-from symm.factors import PositiveScaling
-from symm.spec import Spec
-
-from .views import unit_matrix
+from symm.factors.base import expand_units
+from symm.spec import On, Spec
+from symm.views import segment_of, segment_units
 
 log = logging.getLogger(__name__)
 
 
-def _side_norms(spec: Spec, params: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    f = spec.factors[name]
-    out2 = torch.zeros(f.element_shape, dtype=torch.float64)
-    in2 = torch.zeros(f.element_shape, dtype=torch.float64)
-    for pname, axis, offset, on in spec.uses(name):
-        size = _segment_size(spec, pname, axis, offset)
-        rows = unit_matrix(spec, params[pname].double(), axis, offset, size, on)
-        sq = rows.pow(2).sum(-1)
-        if on.side == "out":
-            out2 += sq
+@dataclass(frozen=True)
+class _Act:
+    """A scaling factor acting on one segment of a (reduced) squared parameter."""
+
+    factor: str
+    axis: int
+    offset: int
+    size: int
+    on: On
+
+
+class _Squares:
+    """The squared entries of one parameter, summed over axes no scaling touches, and the scalings acting on it."""
+
+    def __init__(self, spec: Spec, x: torch.Tensor, acts: list[tuple[int, int, int, On]]) -> None:
+        active = sorted({a for a, *_ in acts} | {on.batch_axis for *_, on in acts if on.batch_axis is not None})
+        dropped = [a for a in range(x.dim()) if a not in active]
+        sq = x.double().pow(2)
+        self.squares = sq.sum(dropped) if dropped else sq
+        where = {a: i for i, a in enumerate(active)}
+        self.acts = [
+            _Act(on.factor, where[a], off, size, On(on.factor, on.side, on.repeat, on.block, None if on.batch_axis is None else where[on.batch_axis]))
+            for a, off, size, on in acts
+        ]
+
+    def weighted(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Squares times every acting scaling's per-entry factor a^2 (out) or a^-2 (in)."""
+        t = self.squares
+        for act in self.acts:
+            v = values[act.factor].pow(2 if act.on.side == "out" else -2)
+            entries = expand_units(v, act.on.repeat, act.on.block)  # (*batch, size)
+            full = torch.ones(*entries.shape[:-1], t.shape[act.axis], dtype=torch.float64)
+            full[..., act.offset : act.offset + act.size] = entries
+            shape = [1] * t.dim()
+            shape[act.axis] = t.shape[act.axis]
+            if act.on.batch_axis is not None:
+                shape[act.on.batch_axis] = t.shape[act.on.batch_axis]
+                full = full if act.on.batch_axis < act.axis else full.transpose(0, 1)
+            t = t * full.reshape(shape)
+        return t
+
+    def unit_sums(self, t: torch.Tensor, spec: Spec, act: _Act) -> torch.Tensor:
+        """``(*batch, units)``: ``t`` summed over everything but the units of ``act`` (and its batch axis)."""
+        seg = t.narrow(act.axis, act.offset, act.size)
+        if act.on.batch_axis is None:
+            moved = seg.movedim(act.axis, 0).reshape(act.size, -1).sum(-1)
         else:
-            in2 += sq
-    return out2, in2
+            moved = seg.movedim((act.on.batch_axis, act.axis), (0, 1))
+            moved = moved.reshape(moved.shape[0], act.size, -1).sum(-1)
+        units = segment_units(spec, act.on, act.size)
+        return moved.reshape(*moved.shape[:-1], units, act.size // units).sum(-1)
 
 
-def _segment_size(spec: Spec, pname: str, axis: int, offset: int) -> int:
-    for a, o, seg in spec.params[pname].segments():
-        if a == axis and o == offset:
-            return seg.size
-    raise KeyError((pname, axis, offset))
+def balance_scalings(
+    spec: Spec, params: Mapping[str, torch.Tensor], tol: float = 1e-13, max_sweeps: int = 5000, exclude: frozenset[str] = frozenset()
+) -> GroupElement:
+    """The scaling element ``c`` (identity elsewhere) that balances ``params``; ``c . params`` is canonical.
 
-
-def balance_scalings(spec: Spec, params: Mapping[str, torch.Tensor], tol: float = 1e-13, max_sweeps: int = 2000) -> GroupElement:
-    """The scaling element ``c`` (identity elsewhere) that balances ``params``; ``c . params`` is canonical."""
-    names = spec.factors_of_kind(PositiveScaling)
+    Scalings in ``exclude`` (fixed by the caller) stay at the identity and are balanced around.
+    """
+    names = [n for n in spec.factor_order if spec.factors[n].kind == "positive-scaling" and n not in exclude]
     g = spec.identity()
     if not names:
         return g
-    touched = sorted({p for n in names for p, *_ in spec.uses(n)})
-    current = {p: params[p].double() for p in touched}
-    values = dict(g.values)
+    acts: dict[str, list[tuple[int, int, int, On]]] = {}
+    for n in names:
+        for p, axis, offset, on in spec.uses(n):
+            acts.setdefault(p, []).append((axis, offset, segment_of(spec, p, axis, offset).size, on))
+    squares = {p: _Squares(spec, params[p], a) for p, a in acts.items()}
+    uses = {n: [(p, act) for p, sq in squares.items() for act in sq.acts if act.factor == n] for n in names}
+    values = {n: g.values[n].clone() for n in names}
     for sweep in range(max_sweeps):
         worst = 0.0
         for name in names:
-            out2, in2 = _side_norms(spec, current, name)
+            out2 = torch.zeros(spec.factors[name].element_shape, dtype=torch.float64)
+            in2 = torch.zeros_like(out2)
+            for p, act in uses[name]:
+                part = squares[p].unit_sums(squares[p].weighted(values), spec, act)
+                if act.on.side == "out":
+                    out2 += part
+                else:
+                    in2 += part
             ok = (out2 > 0) & (in2 > 0)
             step = torch.where(ok, (in2.clamp_min(1e-300) / out2.clamp_min(1e-300)).pow(0.25), torch.ones_like(out2))
             worst = max(worst, float(step.log().abs().max()))
-            delta = spec.identity().replace(**{name: step})
-            for p in {p for p, *_ in spec.uses(name)}:
-                current[p] = act_param(spec, spec.params[p], current[p], delta.values)
             values[name] = values[name] * step
         if worst < tol:
             break
     else:
         log.warning("scaling balance stopped after %d sweeps (last log-step %.2e)", max_sweeps, worst)
     log.debug("balanced %d scaling factors in %d sweeps", len(names), sweep + 1)
-    return GroupElement(spec, values)
+    return g.replace(**values)

@@ -5,6 +5,7 @@ from .errors import CheckpointError, SpecError, SymmError, UnsupportedArchitectu
 from .factors import (
     Factor,
     GeneralLinear,
+    GroupedPermutation,
     HeadPermutation,
     Permutation,
     PositiveScaling,
@@ -21,6 +22,7 @@ __all__ = [
     "Fragment",
     "GeneralLinear",
     "GroupElement",
+    "GroupedPermutation",
     "HeadPermutation",
     "On",
     "ParamSpec",

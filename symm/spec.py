@@ -16,7 +16,7 @@ from typing import Union
 import torch
 
 from .errors import SpecError
-from .factors import Factor, HeadPermutation, Side, Translation
+from .factors import Factor, Side, Translation
 
 
 @dataclass(frozen=True)
@@ -269,13 +269,6 @@ class Spec:
 
     def __hash__(self) -> int:
         return hash((tuple(sorted(self.factors)), tuple(sorted(self.params))))
-
-
-def head_units(factor: Factor, entries: int) -> int:
-    """Units a segment of ``entries`` entries holds for ``factor`` (heads vs KV groups for head permutations)."""
-    if isinstance(factor, HeadPermutation):
-        return factor.level_units(entries)
-    return factor.count
 
 
 __all__ = ["Fragment", "On", "ParamSpec", "Segment", "Shift", "Spec", "Translation", "merge", "param"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from symm import GroupElement, HeadPermutation, Permutation, PositiveScaling, SignFlip, testing
+from symm import GroupElement, GroupedPermutation, Permutation, PositiveScaling, SignFlip, testing
 from symm.models import CNNConfig, spec_for
 from symm.models.cnn import cnn_spec
 
@@ -51,7 +51,7 @@ def test_cnn_group_dimension_and_kinds(norm, activation, dimension):
     assert spec.dimension == dimension
     for name in ("convs.0.channels", "convs.1.channels"):
         if norm == "group":  # GroupNorm: channel permutations must map norm groups to norm groups
-            assert isinstance(spec.factors[name], HeadPermutation) and spec.factors[name].groups == 2
+            assert isinstance(spec.factors[name], GroupedPermutation) and spec.factors[name].groups == 2
         else:
             assert type(spec.factors[name]) is Permutation
     child = PositiveScaling if activation == "relu" else SignFlip
@@ -101,7 +101,7 @@ def test_groupnorm_permutation_across_groups_breaks_function(make_case):
     assert testing.relative_error(case.f(_permute_first_channels(case.params, groups_swapped)), y) < 1e-10
     testing.assert_not_invariant(case.f, case.params, _permute_first_channels(case.params, across))
     # and the catalogue refuses such an element
-    with pytest.raises(ValueError, match="KV group"):
+    with pytest.raises(ValueError, match="channel out of its group"):
         case.spec.factors["convs.0.channels"].check_element(across)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UnsupportedArchitecture
-from ..factors import Factor, HeadPermutation, Permutation, PositiveScaling, SignFlip
+from ..factors import Factor, GroupedPermutation, Permutation, PositiveScaling, SignFlip
 from ..spec import On
 
 #: activation name -> continuous part of its per-unit group
@@ -92,7 +92,7 @@ def channels(name: str, n: int, activation: str, groups: int | None = None) -> U
     units = neurons(name, n, activation)
     if groups is None:
         return units
-    perm = HeadPermutation(name, n, groups=groups, head_dim=1)
+    perm = GroupedPermutation(name, n, groups=groups)
     return Units(perm, units.child)
 
 

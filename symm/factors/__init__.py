@@ -2,7 +2,7 @@
 
 from .base import SIDES, Factor, Side
 from .linear import GeneralLinear, PairLayout, RotationScaling
-from .permutation import HeadPermutation, Permutation
+from .permutation import GroupedPermutation, HeadPermutation, Permutation
 from .scaling import PositiveScaling, SignFlip
 from .translation import Translation
 
@@ -10,6 +10,7 @@ __all__ = [
     "SIDES",
     "Factor",
     "GeneralLinear",
+    "GroupedPermutation",
     "HeadPermutation",
     "PairLayout",
     "Permutation",

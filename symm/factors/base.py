@@ -59,6 +59,10 @@ class Factor:
             n *= b
         return n
 
+    def level_units(self, entries: int) -> int:
+        """Units an axis segment of ``entries`` units-times-unit-size holds (``count``; heads or KV groups for heads)."""
+        return self.count
+
     @property
     def unit_shape(self) -> tuple[int, ...]:
         """Shape of one unit's element (``()`` for scalars, ``(d, d)`` for a block)."""

@@ -91,6 +91,54 @@ class Permutation(Factor):
         return gather_last(x, index, len(self.batch))
 
 
+def sample_grouped(groups: int, per_group: int, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation of ``groups * per_group`` units mapping each block of ``per_group`` to a block."""
+    group_perm = torch.randperm(groups, generator=generator)
+    within = torch.stack([torch.randperm(per_group, generator=generator) for _ in range(groups)])
+    return (group_perm.unsqueeze(-1) * per_group + within).reshape(-1)
+
+
+def check_grouped(element: torch.Tensor, groups: int, per_group: int, name: str, what: str) -> None:
+    """Raise ``ValueError`` unless ``element`` maps consecutive blocks of ``per_group`` units to blocks."""
+    blocks = (element // per_group).reshape(groups, per_group)
+    if not bool((blocks == blocks[:, :1]).all()):
+        raise ValueError(f"factor {name!r}: element moves a {what} out of its group")
+
+
+@dataclass(frozen=True)
+class GroupedPermutation(Permutation):
+    """Permutations of ``count`` channels in ``groups`` equal consecutive groups that map groups to groups.
+
+    GroupNorm normalises each group by its own statistics: permuting channels within a group, or whole groups,
+    keeps the function; moving one channel to another group does not. Acts on an axis like a plain permutation.
+    """
+
+    groups: int = 1
+
+    kind = "grouped-permutation"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch:
+            raise ValueError(f"factor {self.name!r}: grouped permutations cannot be batched")
+        if self.groups < 1 or self.count % self.groups:
+            raise ValueError(f"factor {self.name!r}: {self.count} channels do not split into {self.groups} groups")
+
+    @property
+    def per_group(self) -> int:
+        return self.count // self.groups
+
+    def _describe_extra(self) -> str:
+        return f" channels in {self.groups} groups"
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        return sample_grouped(self.groups, self.per_group, generator)
+
+    def check_element(self, element: torch.Tensor) -> None:
+        super().check_element(element)
+        check_grouped(element, self.groups, self.per_group, self.name, "channel")
+
+
 @dataclass(frozen=True)
 class HeadPermutation(Permutation):
     """Permutations of ``count`` attention heads of size ``head_dim`` that map KV groups to KV groups.
@@ -127,17 +175,11 @@ class HeadPermutation(Permutation):
         return f" heads in {self.groups} KV groups, head_dim {self.head_dim}"
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:
-        r = self.heads_per_group
-        group_perm = torch.randperm(self.groups, generator=generator)
-        within = torch.stack([torch.randperm(r, generator=generator) for _ in range(self.groups)])
-        return (group_perm.unsqueeze(-1) * r + within).reshape(-1)
+        return sample_grouped(self.groups, self.heads_per_group, generator)
 
     def check_element(self, element: torch.Tensor) -> None:
         super().check_element(element)
-        r = self.heads_per_group
-        groups = (element // r).reshape(self.groups, r)
-        if not bool((groups == groups[:, :1]).all()):
-            raise ValueError(f"factor {self.name!r}: element moves a query head out of its KV group")
+        check_grouped(element, self.groups, self.heads_per_group, self.name, "query head")
 
     def group_permutation(self, element: torch.Tensor) -> torch.Tensor:
         """Induced permutation of the KV groups."""

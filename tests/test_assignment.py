@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aligners.solvers import assignment_value, lapx_available, linear_assignment, resolve_backend
+from aligners.assignment import assignment_value, lapx_available, linear_assignment, resolve_backend
 
 
 @pytest.mark.parametrize("n", [1, 7, 64])

@@ -1,5 +1,5 @@
-"""Attention heads: matching on quantities invariant to the per-head continuous group, then the per-head
-continuous alignment in closed form.
+"""Attention heads: matched on quantities invariant to the per-head continuous group, then the per-head GL / RoPE
+factors solved in closed form.
 
 Invariants per query head h: Q_h^T K_g(h) (scores) and V_g(h)^T O_h (value-output map), both unchanged by
 Q -> M Q, K -> M^{-T} K and V -> F V, O -> F^{-T} O. Similarities are Frobenius inner products computed from
@@ -8,34 +8,14 @@ d_h x d_h cross-Grams, never forming the d x d matrices.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
 from symm.factors import GeneralLinear, HeadPermutation, RotationScaling
 from symm.factors.linear import pairs_view
-from symm.spec import Spec
+from symm.views import group_gram, role_blocks
 
-from .solvers import linear_assignment
-from .views import unit_blocks
-
-
-def role_blocks(spec: Spec, params: Mapping[str, torch.Tensor], heads: str) -> dict[tuple[str, str], torch.Tensor]:
-    """Per (child factor, side): ``(units, d_h, features)`` stacked over the parameters where both act.
-
-    For the Q/K child, side ``out`` holds Q and ``in`` holds K; for the V/O child, V and O.
-    """
-    children = {n for n, f in spec.factors.items() if f.parent == heads}
-    parts: dict[tuple[str, str], list[torch.Tensor]] = {}
-    for pname, ps in sorted(spec.params.items()):
-        for axis, offset, seg in ps.segments():
-            acts = {on.factor: on for on in seg.acts}
-            if heads not in acts:
-                continue
-            for child in children & set(acts):
-                blocks = unit_blocks(spec, params[pname].double(), axis, offset, seg.size, acts[heads])
-                parts.setdefault((child, acts[child].side), []).append(blocks)
-    return {key: torch.cat(b, dim=-1) for key, b in parts.items()}
+from .permutation import grouped_assignment
+from .state import MatchState
 
 
 def _pair_similarity(xa: torch.Tensor, xb: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -64,26 +44,6 @@ def head_scores(factor: HeadPermutation, a: dict, b: dict) -> torch.Tensor:
             ya, yb = ya.repeat_interleave(r, 0), yb.repeat_interleave(r, 0)
         score += _pair_similarity(xa, xb, ya, yb)
     return score
-
-
-def grouped_assignment(factor: HeadPermutation, score: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Best head permutation that maps KV groups to KV groups: inner assignments per group pair, then groups."""
-    g, r = factor.groups, factor.heads_per_group
-    if g == factor.count or r == 1:
-        return linear_assignment(score, backend)
-    blocks = score.reshape(g, r, g, r).permute(0, 2, 1, 3)  # (group A, group B, head A, head B)
-    inner = linear_assignment(blocks, backend)  # (g, g, r)
-    value = blocks.gather(-1, inner.unsqueeze(-1)).squeeze(-1).sum(-1)
-    group_perm = linear_assignment(value, backend)
-    within = inner[torch.arange(g), group_perm]  # (g, r)
-    return (group_perm.unsqueeze(-1) * r + within).reshape(-1)
-
-
-def _group_sum(xa: torch.Tensor, xb: torch.Tensor, n: int) -> torch.Tensor:
-    """sum over the units of each of ``n`` groups of X_a X_b^T: (n, d, d)."""
-    xa = xa.reshape(n, -1, *xa.shape[-2:])
-    xb = xb.reshape(n, -1, *xb.shape[-2:])
-    return torch.einsum("nkar,nkbr->nab", xa, xb)
 
 
 def _spd_power(m: torch.Tensor, p: float, eps: float = 1e-12) -> torch.Tensor:
@@ -116,10 +76,10 @@ def solve_general_linear(factor: GeneralLinear, out_a, out_b, in_a, in_b) -> tor
     M = C_A^{-1} R C_B. Exact for B = g . A; never inflates one side to fit the other.
     """
     n = factor.count
-    c_a = balancing_matrix(_group_sum(out_a, out_a, n), _group_sum(in_a, in_a, n))
-    c_b = balancing_matrix(_group_sum(out_b, out_b, n), _group_sum(in_b, in_b, n))
-    cross = c_a @ _group_sum(out_a, out_b, n) @ c_b.transpose(-1, -2)
-    cross = cross + torch.linalg.inv(c_a).transpose(-1, -2) @ _group_sum(in_a, in_b, n) @ torch.linalg.inv(c_b)
+    c_a = balancing_matrix(group_gram(out_a, out_a, n), group_gram(in_a, in_a, n))
+    c_b = balancing_matrix(group_gram(out_b, out_b, n), group_gram(in_b, in_b, n))
+    cross = c_a @ group_gram(out_a, out_b, n) @ c_b.transpose(-1, -2)
+    cross = cross + torch.linalg.inv(c_a).transpose(-1, -2) @ group_gram(in_a, in_b, n) @ torch.linalg.inv(c_b)
     return torch.linalg.solve(c_a, _procrustes(cross) @ c_b)
 
 
@@ -143,3 +103,38 @@ def solve_rotation_scaling(factor: RotationScaling, out_a, out_b, in_a, in_b) ->
     phase = torch.where(w.abs() > 0, w / w.abs().clamp_min(1e-300), torch.ones_like(w))
     z = phase * (c_b / c_a)
     return torch.view_as_real(z.contiguous()).to(torch.float64)
+
+
+#: child kind -> closed-form per-head solver ``(factor, out_a, out_b, in_a, in_b) -> element``
+WITHIN_HEAD = {"general-linear": solve_general_linear, "rotation-scaling": solve_rotation_scaling}
+
+
+def head_step(state: MatchState, name: str, within: bool = True) -> bool:
+    """Match heads on invariants (unless fixed), then solve each free GL / RoPE child in closed form.
+
+    Returns True if the head permutation moved (continuous updates do not count as a change).
+    """
+    spec = state.spec
+    factor = spec.factors[name]
+    moved = False
+    if state.free(name):
+        score = head_scores(factor, role_blocks(spec, state.a, name), role_blocks(spec, state.b, name))
+        sigma = grouped_assignment(score, factor.groups, state.backend)
+        if not factor.is_identity(sigma):
+            state.apply(spec.identity().replace(**{name: sigma}), [name])
+            moved = True
+    children = [c for c in state.children(name) if state.free(c) and spec.factors[c].kind in WITHIN_HEAD]
+    if not within or not children:
+        return moved
+    blocks_a, blocks_b = role_blocks(spec, state.a, name), role_blocks(spec, state.b, name)
+    values = {}
+    for child in children:
+        keys = ((child, "out"), (child, "in"))
+        if not all(k in blocks_a for k in keys):
+            continue
+        sides = (blocks_a[keys[0]], blocks_b[keys[0]], blocks_a[keys[1]], blocks_b[keys[1]])
+        values[child] = WITHIN_HEAD[spec.factors[child].kind](spec.factors[child], *sides)
+    if values:
+        state.apply(spec.identity().replace(**values), list(values))
+    return moved
+

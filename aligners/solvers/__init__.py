@@ -1,0 +1,79 @@
+"""One solver per factor kind, in a table: weight matching reads the Spec and dispatches on ``factor.kind``.
+
+Roles: ``sweep`` solvers run once per sweep in random order (permutations of every kind); ``after`` solvers
+run at the end of each sweep (translations); ``canonical`` kinds are fixed before matching by a canonical
+form (positive scalings, balanced); ``parent`` kinds are solved by their parent's solver, which lists them in
+``children`` (sign flips with their permutation, GL / RoPE factors with their heads). A new factor kind adds a
+row here; :func:`aligners.weight_matching` does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from symm.errors import SpecError
+from symm.spec import Spec
+
+from .heads import head_step
+from .permutation import grouped_permutation_step, permutation_step
+from .state import MatchState
+from .translation import translation_step
+
+Role = Literal["sweep", "after", "canonical", "parent"]
+
+
+@dataclass(frozen=True)
+class KindSolver:
+    role: Role
+    step: Callable[[MatchState, str], bool] | None = None
+    children: frozenset[str] = frozenset()
+
+
+SOLVERS: Mapping[str, KindSolver] = {
+    "permutation": KindSolver("sweep", permutation_step, frozenset({"sign-flip"})),
+    "grouped-permutation": KindSolver("sweep", grouped_permutation_step, frozenset({"sign-flip"})),
+    "head-permutation": KindSolver("sweep", head_step, frozenset({"general-linear", "rotation-scaling"})),
+    "translation": KindSolver("after", translation_step),
+    "positive-scaling": KindSolver("canonical"),
+    "sign-flip": KindSolver("parent"),
+    "general-linear": KindSolver("parent"),
+    "rotation-scaling": KindSolver("parent"),
+}
+
+
+def solver_for(spec: Spec, name: str) -> KindSolver:
+    kind = spec.factors[name].kind
+    try:
+        return SOLVERS[kind]
+    except KeyError:
+        raise SpecError(f"factor {name!r}: no weight-matching solver for factor kind {kind!r} (known: {', '.join(sorted(SOLVERS))})") from None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which factors a run visits: ``sweep`` each sweep in random order, then ``after``."""
+
+    sweep: tuple[str, ...]
+    after: tuple[str, ...]
+
+
+def plan(spec: Spec, fixed: frozenset[str]) -> Plan:
+    """Check every free factor has a solver (a parent-solved kind needs a parent whose solver handles it)."""
+    needs_visit: set[str] = set()
+    for name in spec.factor_order:
+        solver = solver_for(spec, name)
+        if solver.role != "parent" or name in fixed:
+            continue
+        parent = spec.factors[name].parent
+        if parent is None or spec.factors[name].kind not in solver_for(spec, parent).children:
+            where = f"its parent {parent!r} ({spec.factors[parent].kind})" if parent else "no parent"
+            raise SpecError(f"factor {name!r} ({spec.factors[name].kind}) is solved by its parent's solver, but has {where} that does not solve it")
+        needs_visit.add(parent)
+    sweep = tuple(n for n in spec.factor_order if solver_for(spec, n).role == "sweep" and (n not in fixed or n in needs_visit))
+    after = tuple(n for n in spec.factor_order if solver_for(spec, n).role == "after" and n not in fixed)
+    return Plan(sweep, after)
+
+
+__all__ = ["SOLVERS", "KindSolver", "MatchState", "Plan", "plan", "solver_for"]
