@@ -48,13 +48,25 @@ class _Squares:
             _Act(on.factor, where[a], off, size, On(on.factor, on.side, on.repeat, on.block, None if on.batch_axis is None else where[on.batch_axis]))
             for a, off, size, on in acts
         ]
+        self.separable = all(act.on.batch_axis is None for act in self.acts)
+
+    def _entries(self, act: _Act, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-entry factor a^2 (out) or a^-2 (in) of one act over its segment: ``(*batch, size)``."""
+        v = values[act.factor].pow(2 if act.on.side == "out" else -2)
+        return expand_units(v, act.on.repeat, act.on.block)
+
+    def _axis_factors(self, values: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Separable case (no batched act): one per-entry factor vector per axis, the product of its acts."""
+        out = [torch.ones(n, dtype=torch.float64) for n in self.squares.shape]
+        for act in self.acts:
+            out[act.axis][act.offset : act.offset + act.size] *= self._entries(act, values)
+        return out
 
     def weighted(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Squares times every acting scaling's per-entry factor a^2 (out) or a^-2 (in)."""
+        """Squares times every acting scaling's per-entry factor (the general, batched case)."""
         t = self.squares
         for act in self.acts:
-            v = values[act.factor].pow(2 if act.on.side == "out" else -2)
-            entries = expand_units(v, act.on.repeat, act.on.block)  # (*batch, size)
+            entries = self._entries(act, values)
             full = torch.ones(*entries.shape[:-1], t.shape[act.axis], dtype=torch.float64)
             full[..., act.offset : act.offset + act.size] = entries
             shape = [1] * t.dim()
@@ -65,14 +77,22 @@ class _Squares:
             t = t * full.reshape(shape)
         return t
 
-    def unit_sums(self, t: torch.Tensor, spec: Spec, act: _Act) -> torch.Tensor:
-        """``(*batch, units)``: ``t`` summed over everything but the units of ``act`` (and its batch axis)."""
-        seg = t.narrow(act.axis, act.offset, act.size)
-        if act.on.batch_axis is None:
-            moved = seg.movedim(act.axis, 0).reshape(act.size, -1).sum(-1)
+    def unit_sums(self, values: Mapping[str, torch.Tensor], spec: Spec, act: _Act) -> torch.Tensor:
+        """``(*batch, units)``: the weighted squares summed over everything but the units of ``act``."""
+        if self.separable:  # contract every other axis with its factor vector: no full-size temporaries
+            factors = self._axis_factors(values)
+            line = self.squares
+            for i in reversed(range(self.squares.dim())):  # matrix-vector products, last axis first
+                if i != act.axis:
+                    line = line @ factors[i] if i == line.dim() - 1 else torch.tensordot(line, factors[i], dims=([i], [0]))
+            moved = (line * factors[act.axis]).narrow(0, act.offset, act.size)
         else:
-            moved = seg.movedim((act.on.batch_axis, act.axis), (0, 1))
-            moved = moved.reshape(moved.shape[0], act.size, -1).sum(-1)
+            seg = self.weighted(values).narrow(act.axis, act.offset, act.size)
+            if act.on.batch_axis is None:
+                moved = seg.movedim(act.axis, 0).reshape(act.size, -1).sum(-1)
+            else:
+                moved = seg.movedim((act.on.batch_axis, act.axis), (0, 1))
+                moved = moved.reshape(moved.shape[0], act.size, -1).sum(-1)
         units = segment_units(spec, act.on, act.size)
         return moved.reshape(*moved.shape[:-1], units, act.size // units).sum(-1)
 
@@ -101,7 +121,7 @@ def balance_scalings(
             out2 = torch.zeros(spec.factors[name].element_shape, dtype=torch.float64)
             in2 = torch.zeros_like(out2)
             for p, act in uses[name]:
-                part = squares[p].unit_sums(squares[p].weighted(values), spec, act)
+                part = squares[p].unit_sums(values, spec, act)
                 if act.on.side == "out":
                     out2 += part
                 else:

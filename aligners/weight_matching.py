@@ -42,7 +42,8 @@ class MatchInfo:
 
 
 def _objective(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    return float(sum((a[k].double() * b[k].double()).sum() for k in a if torch.is_floating_point(a[k])))
+    """sum over parameters of <a, b>, in the working dtype."""
+    return float(sum(torch.dot(a[k].reshape(-1), b[k].reshape(-1)) for k in a if torch.is_floating_point(a[k])))
 
 
 def _working_copy(params: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -116,6 +117,7 @@ def weight_matching(
     gen = torch.Generator().manual_seed(seed)
     best: tuple[float, GroupElement] | None = None
     stale = 0
+    rel_tol = 1e-12 if work == torch.float64 else 1e-6
     bar = tqdm(range(max_sweeps), desc="weight matching", unit="sweep", disable=not progress or not steps.sweep, leave=False)
     for sweep in bar:
         changed = 0
@@ -131,7 +133,7 @@ def weight_matching(
         info.objective.append(objective)
         info.sweeps = sweep + 1
         bar.set_postfix(changed=changed, objective=f"{objective:.4g}")
-        if best is None or objective > best[0] + 1e-12 * abs(best[0]):
+        if best is None or objective > best[0] + rel_tol * abs(best[0]):
             best, stale = (objective, state.g), 0
         else:
             stale += 1

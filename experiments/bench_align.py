@@ -1,6 +1,7 @@
-"""Benchmark: seconds per weight-matching sweep and peak memory, scipy vs lapx linear-assignment backends.
+"""Benchmark: seconds per weight-matching sweep and peak memory, per linear-assignment backend (jv = ours, warm
+started; scipy; lapx).
 
-Cases: ReLU MLPs 64-w-w-10 for w in 512/1024/2048/4096 and one Llama-like block (d=1024, ffn=2816, 16 heads),
+Cases: ReLU MLPs 64-w-w-10 for w in 512/1024/2048/4096 and one Llama-like block (d=1024, ffn=2816, 16 heads, 4 KV heads),
 aligning two independent random initialisations. Each case runs in a fresh process so its peak RSS is its own.
 Usage: .venv/bin/python experiments/bench_align.py [--quick]. Writes experiments/results/bench_align.json.
 """
@@ -29,7 +30,7 @@ def _case(kind: str, size: int, backend: str, queue) -> None:
     else:
         from symm.models import TransformerConfig, TransformerLM, spec_for
 
-        config = TransformerConfig(vocab_size=256, d_model=1024, n_layers=1, n_heads=16, pe="rope", ffn="swiglu", d_ff=2816, max_len=16)
+        config = TransformerConfig(vocab_size=256, d_model=1024, n_layers=1, n_heads=16, n_kv_heads=4, pe="rope", ffn="swiglu", d_ff=2816, max_len=16)
         build = lambda s: (torch.manual_seed(s), TransformerLM(config))[1]  # noqa: E731
     a_model, b_model = build(0), build(1)
     spec = spec_for(a_model)
@@ -41,7 +42,7 @@ def _case(kind: str, size: int, backend: str, queue) -> None:
     seconds = time.perf_counter() - t0
     queue.put(
         {
-            "case": f"mlp w={size}" if kind == "mlp" else "llama block d=1024",
+            "case": f"mlp w={size}" if kind == "mlp" else "llama block d=1024 (16 heads, 4 KV)",
             "backend": backend,
             "sweeps": info.sweeps,
             "seconds": seconds,
@@ -62,7 +63,7 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     rows = []
     for kind, size in cases:
-        for backend in ("scipy", "lapx"):
+        for backend in ("jv", "scipy", "lapx"):
             queue = ctx.Queue()
             proc = ctx.Process(target=_case, args=(kind, size, backend, queue))
             proc.start()

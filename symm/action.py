@@ -34,13 +34,22 @@ def act_param(spec: "Spec", ps: "ParamSpec", x: torch.Tensor, values: Mapping[st
         return x.clone()
     if not torch.is_floating_point(x):
         raise SpecError(f"cannot transform a tensor of dtype {x.dtype}: symmetry factors act on floating-point weights")
-    y = x.detach().to(torch.float64)
+    y = x.detach() if _exact_in_any_dtype(spec, ps, values) else x.detach().to(torch.float64)
     for shift in ps.shifts:
         factor = spec.factors[shift.factor]
         assert isinstance(factor, Translation)
         y = factor.shift(y, values[shift.factor], shift.axis)
     y = apply_linear(spec, ps, y, values)
-    return y.to(x.dtype)
+    out = y.to(x.dtype)
+    return out.clone() if out.data_ptr() == x.data_ptr() else out
+
+
+def _exact_in_any_dtype(spec: "Spec", ps: "ParamSpec", values: Mapping[str, torch.Tensor]) -> bool:
+    """True when only discrete factors (gathers, sign flips) act non-trivially: exact in the tensor's own dtype."""
+    if ps.shifts:
+        return False
+    names = {on.factor for _, _, seg in ps.segments() for on in seg.acts}
+    return all(not spec.factors[n].is_continuous or spec.factors[n].is_identity(values[n], atol=0.0) for n in names)
 
 
 def apply_linear(
@@ -56,8 +65,10 @@ def apply_linear(
     jobs.sort(key=lambda job: -job[0])
     for _, axis, offset, size, on in jobs:
         factor = spec.factors[on.factor]
-        seg = y.narrow(axis, offset, size)
         element = values[on.factor]
+        if factor.is_identity(element, atol=0.0):
+            continue
+        seg = y.narrow(axis, offset, size)
         if on.batch_axis is None and isinstance(factor, Permutation):  # fast path: gather along the axis itself
             done = seg.index_select(axis, factor.entry_index(element, size, on.repeat, on.block))
         elif on.batch_axis is None and isinstance(factor, (PositiveScaling, SignFlip)):

@@ -12,18 +12,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from symm.views import segment_of, unit_matrix
 
-from ..assignment import linear_assignment
+from ..assignment import AssignmentState, linear_assignment, resolve_backend, solve_warm
+from .scores import cached_scores, track_own_move
 from .state import MatchState
 
 Assign = Callable[[MatchState, str, torch.Tensor], torch.Tensor]
 
 
 def plain_assignment(state: MatchState, name: str, score: torch.Tensor) -> torch.Tensor:
-    return linear_assignment(score, state.backend)
+    """One LAP; with the "jv" backend warm-started from this factor's previous solve (exact either way)."""
+    if resolve_backend(state.backend) != "jv":
+        return linear_assignment(score, state.backend)
+    sigma, solved = solve_warm(score, state.cache.get(("lap", name)))
+    # the step moves B's units by sigma: in the new coordinates the assignment is the identity and column j's
+    # dual is that of old column sigma[j]
+    index = sigma.numpy()
+    state.cache[("lap", name)] = AssignmentState(
+        sigma=np.broadcast_to(np.arange(index.shape[-1]), index.shape).copy(),
+        row_dual=solved.row_dual,
+        col_dual=np.take_along_axis(solved.col_dual, index, axis=-1),
+        stats=solved.stats,
+    )
+    return sigma
 
 
 def grouped_assignment(score: torch.Tensor, groups: int, backend: str = "auto") -> torch.Tensor:
@@ -58,22 +73,6 @@ def batched_descendants(state: MatchState, name: str) -> set[str]:
         if p == name and f.batch and f.is_permutation:
             out.add(n)
     return out
-
-
-def unit_scores(state: MatchState, name: str, sign: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(S_signed, S_plain)``, each ``(*batch, n, n)`` or ``None``; uses carrying factor ``sign`` go to S_signed."""
-    spec, dtype = state.spec, state.score_dtype
-    signed = plain = None
-    for pname, axis, offset, on in spec.uses(name):
-        seg = segment_of(spec, pname, axis, offset)
-        ra = unit_matrix(spec, state.a[pname], axis, offset, seg.size, on).to(dtype)
-        rb = unit_matrix(spec, state.b[pname], axis, offset, seg.size, on).to(dtype)
-        part = ra @ rb.transpose(-1, -2)
-        if sign is not None and any(o.factor == sign for o in seg.acts):
-            signed = part if signed is None else signed + part
-        else:
-            plain = part if plain is None else plain + part
-    return signed, plain
 
 
 def _expert_rows(state: MatchState, params: dict, pname: str, unit_axis: int, inner: set[str]) -> list[torch.Tensor]:
@@ -129,13 +128,16 @@ def permutation_step(state: MatchState, name: str, assign: Assign = plain_assign
     if inner:
         signed, plain = None, expert_scores(state, name, inner)
     else:
-        signed, plain = unit_scores(state, name, sign)
+        signed, plain, changed = cached_scores(state, name, sign)
+        if not changed:  # same score as when this factor was last solved: its assignment stands
+            return False
     effective = sum(s for s in (None if signed is None else signed.abs(), plain) if s is not None)
     effective = effective.reshape(*factor.batch, factor.count, factor.count)
     sigma = factor.identity() if not state.free(name) else assign(state, name, effective)
     values: dict[str, torch.Tensor] = {}
     if not factor.is_identity(sigma):
         values[name] = sigma
+    flips = None
     if sign is not None and signed is not None:
         matched = signed.reshape(effective.shape).gather(-1, sigma.unsqueeze(-1)).squeeze(-1)
         flips = torch.where(matched < 0, -1.0, 1.0).to(torch.float64)
@@ -146,6 +148,8 @@ def permutation_step(state: MatchState, name: str, assign: Assign = plain_assign
     if not values:
         return False
     state.apply(spec.identity().replace(**values), [name, *([sign] if sign else [])])
+    if not inner:
+        track_own_move(state, name, sigma, flips)
     return True
 
 

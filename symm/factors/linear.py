@@ -74,8 +74,8 @@ class GeneralLinear(Factor):
             m = torch.linalg.inv(m).transpose(-1, -2)
         lead = x.shape[:-1]
         v = x.reshape(*lead, self.count, repeat, self.dim)
-        m = _align(m, x, len(self.batch), 2).unsqueeze(-3)  # broadcast over repeat
-        y = (m @ v.unsqueeze(-1)).squeeze(-1)
+        m = _align(m, x, len(self.batch), 2)
+        y = torch.einsum("...crd,...ced->...cre", v, m)  # y = M v per unit, shared over repeat; no broadcast copies
         return y.reshape(x.shape)
 
 
