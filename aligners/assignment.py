@@ -52,12 +52,18 @@ def lapx_available() -> bool:
     return importlib.util.find_spec("lap") is not None
 
 
-def resolve_backend(backend: str = "auto") -> str:
-    """Concrete backend name for ``backend``; ValueError for unknown names or a missing lapx."""
+#: below this size "auto" uses scipy: every solver takes well under a millisecond there, while the first jv call
+#: of a process spends about 0.35 s loading numba's compiled cache
+JV_MIN_N = 512
+
+
+def resolve_backend(backend: str = "auto", n: int | None = None) -> str:
+    """Concrete backend name for ``backend`` (for ``n x n`` problems if given); ValueError for unknown names or a
+    missing lapx."""
     if backend not in BACKENDS:
         raise ValueError(f"linear-assignment backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return AUTO_BACKEND
+        return "scipy" if n is not None and n < JV_MIN_N else AUTO_BACKEND
     if backend == "lapx" and not lapx_available():
         raise ValueError("backend 'lapx' requested but the lapx package is not installed")
     return backend
@@ -597,7 +603,7 @@ def linear_assignment(score: ScoreLike, backend: str = "auto") -> ScoreLike:
     else an array, of shape ``score.shape[:-1]``.
     """
     _check_square(tuple(score.shape))
-    name = resolve_backend(backend)
+    name = resolve_backend(backend, score.shape[-1])
     if name == "jv":
         sigma, _ = solve_warm(score)
         return sigma

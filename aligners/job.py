@@ -1,87 +1,98 @@
 """The align job: two checkpoints in, aligned B + barrier report + plot out (``symm align A B``).
 
-Everything is validated before any work or any write: formats, architectures (same Spec, same keys and
-shapes), finite weights, output paths (never an input, never an existing file unless ``overwrite``).
+Order of work: arguments and outputs are checked first (:func:`aligners.outputs.preflight`), then the output
+folder is locked (a concurrent run fails at once), inputs are loaded and validated (formats, same architecture,
+same dtypes, finite weights), B is aligned, the aligned B is checked to compute B's function, the barrier is
+measured, and the whole result set is written into a staging folder and published at once
+(:mod:`symm.publish`). On any error nothing is left in ``--out``.
+
+Half-precision checkpoints are matched and evaluated in float32 (float64 ones in float64) and written back in
+their own dtype.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from symm.adapters import infer_spec, is_hf_folder, load_hf, spec_from_hf
+from symm.adapters import infer_spec, is_hf_folder, spec_from_hf
 from symm.adapters.infer import DenseChain
+from symm.checkpoint import Checkpoint, hf_architecture_difference, load_checkpoint
 from symm.data import Split, TokenSplit, byte_tokens, digits, mnist1d
-from symm.errors import CheckpointError, SpecError
+from symm.errors import CheckpointError, OutputError, SpecError, UsageError
 from symm.evaluate import functional
-from symm.io import assert_finite, atomic_write_text, checkpoint_format, compare_state_dicts, load_state_dict, save_state_dict
+from symm.io import checkpoint_format, compare_state_dicts
+from symm.publish import OutputLock, discard, fault_point, make_staging, publish, recover
 from symm.spec import Spec
 from symm.train import evaluate_classifier
 
 from .activation_matching import activation_matching
 from .barrier import has_batchnorm, naive_vs_aligned, reset_batchnorm
-from .plot import plot_barrier
+from .outputs import check_same_function, check_written, disk_size, make_parents, plan_outputs, preflight, remove_empty, write_results
 from .repair import repair
 from .weight_matching import MatchInfo, weight_matching
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Checkpoint", "Task", "align", "load_checkpoint", "lm_task", "resolve"]
+
 METHODS = ("weights", "activations")
 DATASETS = ("digits", "mnist1d", "text")
-
-
-@dataclass
-class Checkpoint:
-    path: Path
-    fmt: str  # "safetensors" | "torch" | "hf"
-    params: dict[str, torch.Tensor]
-    model: nn.Module | None = None
-
-
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    path = Path(path)
-    if is_hf_folder(path):
-        try:
-            model = load_hf(path)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: cannot load the Hugging Face model ({type(exc).__name__}: {str(exc)[:200]})") from None
-        params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        assert_finite(params, what=str(path))
-        return Checkpoint(path, "hf", params, model)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: a folder without config.json is not a checkpoint")
-    return Checkpoint(path, checkpoint_format(path), load_state_dict(path))
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "gelu", "silu", "any")
+#: an unknown activation is checked under each of these (a permutation-only element must preserve them all)
+PROBE_ACTIVATIONS = ("relu", "tanh", "gelu")
+Params = Mapping[str, torch.Tensor]
 
 
 @dataclass
 class Task:
-    """What the barrier is measured on: a model skeleton, its inputs, and an evaluation ``params -> (loss, acc)``."""
+    """What the barrier is measured on: a model skeleton, its inputs, an evaluation ``params -> (loss, acc)``,
+    and a probe ``params -> [outputs]`` used to check that the aligned model is B's function."""
 
     model: nn.Module
     data_name: str
     inputs: torch.Tensor  # training inputs (activations, BatchNorm reset)
-    evaluate_fn: object = field(repr=False)
+    evaluate_fn: Callable[[Params], tuple[float, float]] = field(repr=False)
+    probe: Callable[[Params], list[torch.Tensor]] | None = field(default=None, repr=False)
 
     def evaluate(self, params) -> tuple[float, float]:
         return self.evaluate_fn(params)
 
 
-def _classifier_task(model: nn.Module, split: Split) -> Task:
+def eval_dtype(params: Params) -> torch.dtype:
+    """float64 checkpoints are evaluated in float64, everything else in float32."""
+    return torch.float64 if any(v.dtype == torch.float64 for v in params.values()) else torch.float32
+
+
+def storage_dtype(params: Params) -> torch.dtype:
+    return next((v.dtype for v in params.values() if torch.is_floating_point(v)), torch.float32)
+
+
+def cast(params: Params, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in params.items()}
+
+
+def _classifier_task(model: nn.Module, split: Split, probe_models: list[nn.Module], dtype: torch.dtype) -> Task:
+    x_train, x_test = split.x_train.to(dtype), split.x_test.to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    x_probe = torch.cat([x_test[:128], torch.randn(32, x_test.shape[1], generator=gen, dtype=dtype)])
+
     def evaluate(params):
         if has_batchnorm(model):
-            params = reset_batchnorm(model, params, split.x_train)
-        return evaluate_classifier(model, params, split.x_test, split.y_test)
+            params = reset_batchnorm(model, params, x_train)
+        return evaluate_classifier(model, params, x_test, split.y_test)
 
-    return Task(model, split.name, split.x_train, evaluate)
+    def probe(params):
+        return [functional(m)(dict(params), x_probe) for m in probe_models]
+
+    return Task(model, split.name, x_train, evaluate, probe)
 
 
 def lm_task(model: nn.Module, tokens: TokenSplit, hf: bool) -> Task:
@@ -90,41 +101,52 @@ def lm_task(model: nn.Module, tokens: TokenSplit, hf: bool) -> Task:
     x, y = tokens.test[:, :-1], tokens.test[:, 1:]
 
     @torch.no_grad()
-    def logits_at(params):
+    def logits_at(params, inputs=x):
         if hf:
             model.load_state_dict(params)
-            return model(x).logits
-        return f(params, x)
+            return model(inputs).logits
+        return f(params, inputs)
 
     def evaluate(params):
         logits = logits_at(params)
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
         return loss, (logits.argmax(-1) == y).float().mean().item()
 
-    return Task(model, tokens.name, tokens.train[:, :-1], evaluate)
+    return Task(model, tokens.name, tokens.train[:, :-1], evaluate, lambda params: [logits_at(params, x[:4])])
 
 
 def _split(name: str) -> Split:
     return {"digits": digits, "mnist1d": mnist1d}[name]()
 
 
-def resolve(a: Checkpoint, b: Checkpoint, activation: str | None, data: str | None) -> tuple[Spec, Task, str]:
-    """Spec and task for the pair, or a clear error if they are not the same architecture."""
-    if a.fmt == "hf" or b.fmt == "hf":
-        if a.fmt != b.fmt:
-            raise CheckpointError(f"cannot align a Hugging Face folder with a bare state dict ({a.path} is {a.fmt}, {b.path} is {b.fmt})")
-        spec = spec_from_hf(a.model)
-        if spec_from_hf(b.model) != spec:
-            raise SpecError(f"{a.path} and {b.path} have different architectures (their symmetry specs differ)")
-        compare_state_dicts(a.params, b.params, (str(a.path), str(b.path)))
-        if data not in (None, "text"):
-            raise CheckpointError(f"language models are evaluated on --data text, not {data!r}")
-        vocab = a.model.config.vocab_size
-        kind = f"Hugging Face {a.model.config.model_type} causal LM ({spec.name})"
-        return spec, lm_task(a.model, byte_tokens(vocab_size=min(vocab, 256), n_train=256, n_test=64), hf=True), kind
+def _resolve_hf(a: Checkpoint, b: Checkpoint, data: str | None, dtype: torch.dtype) -> tuple[Spec, Task, str]:
+    if a.fmt != b.fmt:
+        raise CheckpointError(f"cannot align a Hugging Face folder with a bare state dict ({a.path} is {a.fmt}, {b.path} is {b.fmt})")
+    difference = hf_architecture_difference(a, b)
+    if difference:
+        raise SpecError(difference)
     compare_state_dicts(a.params, b.params, (str(a.path), str(b.path)))
-    inferred = infer_spec(a.params, activation=activation or "relu")
-    model = DenseChain(inferred).eval()
+    if data not in (None, "text"):
+        raise CheckpointError(f"language models are evaluated on --data text, not {data!r}")
+    spec = spec_from_hf(a.model)
+    a.model.to(dtype)  # evaluation model (B's model keeps its dtype for saving)
+    vocab = a.model.config.vocab_size
+    kind = f"Hugging Face {a.model.config.model_type} causal LM ({spec.name})"
+    return spec, lm_task(a.model, byte_tokens(vocab_size=min(vocab, 256), n_train=256, n_test=64), hf=True), kind
+
+
+def resolve(a: Checkpoint, b: Checkpoint, activation: str | None, data: str | None) -> tuple[Spec, Task, str]:
+    """Spec and task for the pair, or a clear error if they are not the same architecture.
+
+    A bare state dict's activation is unknown unless given: its Spec then holds permutations only (true for
+    every elementwise activation), and the barrier is evaluated with ReLU (said in the explanation).
+    """
+    dtype = eval_dtype(b.params)
+    if a.fmt == "hf" or b.fmt == "hf":
+        return _resolve_hf(a, b, data, dtype)
+    compare_state_dicts(a.params, b.params, (str(a.path), str(b.path)))
+    inferred = infer_spec(a.params, activation=None if activation == "any" else activation)
+    model = DenseChain(inferred).to(dtype).eval()
     d_in, d_out = inferred.sizes[0], inferred.sizes[-1]
     name = data or {64: "digits", 40: "mnist1d"}.get(d_in)
     if name is None or name not in ("digits", "mnist1d"):
@@ -132,42 +154,41 @@ def resolve(a: Checkpoint, b: Checkpoint, activation: str | None, data: str | No
     split = _split(name)
     if split.x_train.shape[1] != d_in or split.n_classes != d_out:
         raise CheckpointError(f"--data {name} has {split.x_train.shape[1]} inputs and {split.n_classes} classes; the model is {d_in}->{d_out}")
-    explanation = inferred.explanation if activation else inferred.explanation.split(";")[0] + "; activation assumed 'relu' (pass --activation)"
-    return inferred.spec, _classifier_task(model, split), explanation
+    acts = PROBE_ACTIVATIONS if inferred.activation == "any" else (inferred.activation,)
+    probes = [DenseChain(inferred, activation=act).to(dtype).eval() for act in acts]
+    explanation = inferred.explanation
+    if inferred.activation == "any":
+        explanation += "; barrier evaluated with relu (the true activation is unknown; pass --activation)"
+    return inferred.spec, _classifier_task(model, split, probes, dtype), explanation
 
 
-def output_paths(b: Checkpoint, out_dir: Path) -> dict[str, Path]:
-    aligned = out_dir / ("aligned_model" if b.fmt == "hf" else f"{b.path.stem}_aligned{b.path.suffix}")
-    return {"aligned": aligned, "report": out_dir / "report.json", "plot": out_dir / "barrier.png"}
+def check_arguments(method: str, n_points: int, activation: str | None, data: str | None) -> None:
+    """Argument checks made before anything is read or written."""
+    if method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 2:
+        raise UsageError(f"--points must be an integer of at least 2 (the endpoints A and B), got {n_points!r}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise UsageError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    if data is not None and data not in DATASETS:
+        raise UsageError(f"--data must be one of {', '.join(DATASETS)}, got {data!r}")
 
 
-def check_outputs(paths: dict[str, Path], inputs: list[Path], overwrite: bool) -> None:
-    for p in paths.values():
-        for i in inputs:
-            if p.resolve() == i.resolve():
-                raise CheckpointError(f"output {p} would overwrite input {i}")
-        if p.exists() and not overwrite:
-            raise CheckpointError(f"output {p} already exists (pass --overwrite to replace outputs)")
+def _check_input_kind(path: Path) -> None:
+    """Cheap checks of an input path before anything else: it exists and is a kind of checkpoint we read."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if not is_hf_folder(path):
+            raise CheckpointError(f"{path}: a folder without config.json is not a checkpoint")
+    else:
+        checkpoint_format(path)
 
 
-def save_aligned(b: Checkpoint, params: dict[str, torch.Tensor], path: Path) -> None:
-    if b.fmt != "hf":
-        save_state_dict(params, path, overwrite=True, protect=[b.path])
-        return
-    assert b.model is not None
-    b.model.load_state_dict(params)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        b.model.save_pretrained(tmp)
-        for extra in b.path.iterdir():  # tokenizer and other side files travel with the weights
-            if extra.is_file() and not (tmp / extra.name).exists() and not extra.name.endswith((".safetensors", ".bin")):
-                shutil.copy2(extra, tmp / extra.name)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+def _match(method, spec, task, pa, pb, seed, backend, progress, info):
+    if method == "weights":
+        return weight_matching(spec, pa, pb, seed=seed, backend=backend, progress=progress, info=info)
+    return activation_matching(spec, task.model, pa, pb, task.inputs, seed=seed, backend=backend, progress=progress, info=info)
 
 
 def align(
@@ -186,33 +207,68 @@ def align(
     progress: bool = True,
 ) -> dict:
     """Align B onto A, measure naive vs aligned barriers, write aligned B, ``report.json`` and ``barrier.png``."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_arguments(method, n_points, activation, data)
+    path_a, path_b = Path(path_a), Path(path_b)
+    for p in (path_a, path_b):
+        _check_input_kind(p)
+    plan = plan_outputs(path_b, is_hf_folder(path_b), out_dir)
+    preflight(plan, [path_a, path_b], None, need_bytes=int(1.1 * disk_size(path_b)) + 1_000_000)
+    created = make_parents(plan.real.parent)
+    lock, stage = OutputLock(plan.real), None
+    try:
+        lock.acquire()
+        recover(plan.real)  # what killed runs left (their lock is free: we hold it)
+        preflight(plan, [path_a, path_b], overwrite)  # again under the lock, now with existing outputs
+        stage = make_staging(plan.real)
+        fault_point("locked")
+        outcome = _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress)
+        _write_and_publish(stage, plan, outcome)
+        return outcome.report
+    except BaseException:
+        discard(stage)
+        raise
+    finally:
+        lock.release()
+        remove_empty(created)
+
+
+@dataclass
+class Outcome:
+    """Everything the writer needs from a finished run."""
+
+    report: dict
+    b: Checkpoint
+    aligned: dict[str, torch.Tensor]  # in B's dtype
+    barrier: object
+    task: Task
+    dtype: torch.dtype  # evaluation dtype
+    title: str
+
+
+def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress) -> "Outcome":
+    """Load, align, check the function, measure the barrier; returns everything the writer needs."""
     t0 = time.perf_counter()
     a, b = load_checkpoint(path_a), load_checkpoint(path_b)
     spec, task, explanation = resolve(a, b, activation, data)
-    out_dir = Path(out_dir)
-    paths = output_paths(b, out_dir)
-    check_outputs(paths, [a.path, b.path], overwrite)
+    dtype, stored = eval_dtype(b.params), storage_dtype(b.params)
+    pa, pb = cast(a.params, dtype), cast(b.params, dtype)
     t_load = time.perf_counter() - t0
-    info = MatchInfo()
-    t1 = time.perf_counter()
-    if method == "weights":
-        g = weight_matching(spec, a.params, b.params, seed=seed, backend=backend, progress=progress, info=info)
-    else:
-        g = activation_matching(spec, task.model, a.params, b.params, task.inputs, seed=seed, backend=backend, progress=progress, info=info)
+    fault_point("loaded")
+    info, t1 = MatchInfo(), time.perf_counter()
+    g = _match(method, spec, task, pa, pb, seed, backend, progress, info)
     t_align = time.perf_counter() - t1
-    aligned = spec.act(b.params, g)
+    aligned = spec.act(b.params, g)  # in B's own dtype: this is what is written
+    aligned_eval = cast(aligned, dtype)
+    error = check_same_function(task.probe, pb, aligned_eval, stored, "the aligned B")
+    fault_point("matched")
     t2 = time.perf_counter()
     correct = None
     if use_repair:
-        correct = lambda mixed, t: repair(spec, task.model, a.params, aligned, mixed, t, task.inputs)  # noqa: E731
-    barrier = naive_vs_aligned(task.evaluate, a.params, b.params, aligned, n_points, progress, correct)
+        correct = lambda mixed, t: repair(spec, task.model, pa, aligned_eval, mixed, t, task.inputs)  # noqa: E731
+    barrier = naive_vs_aligned(task.evaluate, pa, pb, aligned_eval, n_points, progress, correct)
     t_barrier = time.perf_counter() - t2
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_aligned(b, aligned, paths["aligned"])
     report = {
-        "models": {"A": str(a.path), "B": str(b.path), "format": a.fmt, "architecture": explanation},
+        "models": {"A": str(a.path), "B": str(b.path), "format": a.fmt, "dtype": str(stored)[6:], "architecture": explanation},
         "spec": {"name": spec.name, "factors": len(spec.factors), "parameters": len(spec.params), "continuous_dimension": spec.dimension},
         "method": method,
         "backend": backend,
@@ -220,10 +276,20 @@ def align(
         "data": task.data_name,
         "sweeps": info.sweeps,
         "converged": info.converged,
+        "function_check": {"max_relative_error": error, "evaluated_in": str(dtype)[6:]},
         **barrier.to_dict(),
         "timings_s": {"load": t_load, "align": t_align, "barrier": t_barrier, "total": time.perf_counter() - t0},
-        "outputs": {k: str(v) for k, v in paths.items()},
+        "outputs": plan.shown(),
     }
-    atomic_write_text(paths["report"], json.dumps(report, indent=2) + "\n")
-    plot_barrier(barrier, paths["plot"], f"{spec.name}: {method} matching on {task.data_name}")
-    return report
+    return Outcome(report, b, aligned, barrier, task, dtype, f"{spec.name}: {method} matching on {task.data_name}")
+
+
+def _write_and_publish(stage: Path, plan, o: Outcome) -> None:
+    """Stage the whole set, read the model back and check it, publish; OS errors become one clear message."""
+    try:
+        write_results(stage, plan, o.b, o.aligned, o.report, o.barrier, o.title)
+        check_written(o.b, stage / plan.aligned, o.aligned, o.task.probe, lambda p: cast(p, o.dtype), storage_dtype(o.b.params))
+        publish(stage, plan.real, plan.names)
+    except OSError as exc:
+        where = exc.filename or plan.out
+        raise OutputError(f"{exc.strerror or exc} ({where}) while writing the results to {plan.out}; nothing was written") from None

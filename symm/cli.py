@@ -1,14 +1,23 @@
-"""Command line: ``symm demo`` and ``symm describe``."""
+"""Command line: ``symm demo``, ``symm align`` and ``symm describe``.
+
+Every failure ends with one line ``symm: error: ...`` and exit status 2 (130 on Ctrl-C), never a traceback
+(``-v`` logs it).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from .errors import SymmError
+
+log = logging.getLogger("symm.cli")
+
+ACTIVATIONS = ["relu", "leaky_relu", "tanh", "gelu", "silu", "any"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -36,8 +45,23 @@ def _ratio(barrier: dict) -> str:
     return f"{100 * barrier['aligned'] / barrier['naive']:.1f}% of naive" if barrier["naive"] > 0 else "naive barrier is 0"
 
 
+def _quiet_libraries() -> None:
+    """``-q``: no progress bars or advisory logging from transformers / huggingface_hub either."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if "transformers" in sys.modules:  # already imported: its environment variables were read
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+
 def _cmd_align(args: argparse.Namespace) -> int:
     from aligners.job import align
+
+    if args.quiet:
+        _quiet_libraries()
 
     report = align(
         args.a, args.b, args.out, method=args.method, data=args.data, activation=args.activation, n_points=args.points,
@@ -54,16 +78,36 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     from .io import load_state_dict
 
     target = Path(args.target)
-    if target.is_dir() or target.suffix == ".json":
-        spec = spec_from_hf(target if target.is_dir() else _config_from_json(target))
+    if not target.exists():
+        raise SymmError(f"{target}: no such file or folder")
+    if target.is_dir():
+        spec = _describe_folder(target)
+    elif target.suffix == ".json":
+        spec = spec_from_hf(_config_from_json(target))
     else:
-        inferred = infer_spec(load_state_dict(target), activation=args.activation)
+        inferred = infer_spec(load_state_dict(target), activation=None if args.activation == "any" else args.activation)
         print(inferred.explanation)
         spec = inferred.spec
     print(describe_blocks(spec))
     if args.verbose:
         print(spec.describe())
     return 0
+
+
+def _describe_folder(folder: Path):
+    """The Spec of a Hugging Face folder, after checking its config and every weight file (lengths, NaN/Inf)."""
+    from .adapters import spec_from_hf
+    from .checkpoint import check_hf_weights, hf_config
+
+    if not (folder / "config.json").is_file():
+        raise SymmError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    spec = spec_from_hf(hf_config(folder))
+    files, tensors = check_hf_weights(folder)
+    if files:
+        print(f"weights: {tensors} tensors in {files} file(s), complete and finite")
+    else:
+        print("weights: none in this folder (described from config.json only)")
+    return spec
 
 
 def _config_from_json(path: Path):
@@ -73,15 +117,25 @@ def _config_from_json(path: Path):
     try:
         data = json.loads(path.read_text())
         model_type = data.pop("model_type")
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
         raise SymmError(f"{path}: not a readable config.json with a model_type ({exc})") from None
     try:
         return AutoConfig.for_model(model_type, **data)
-    except ValueError:
+    except (ValueError, TypeError):
         from .errors import UnsupportedArchitecture
         from .adapters.hf import FAMILIES
 
         raise UnsupportedArchitecture(f"{path}: unknown model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}") from None
+
+
+def _points(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"need at least 2 points (the endpoints A and B), got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,11 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("b", help="checkpoint B (same architecture)")
     al.add_argument("--method", choices=["weights", "activations"], default="weights")
     al.add_argument("--data", choices=["digits", "mnist1d", "text"], help="evaluation data (default: digits/mnist1d by input size; text for LMs)")
-    al.add_argument("--activation", help="activation of a bare dense chain (default relu)")
-    al.add_argument("--out", default="align_out", help="output folder (default: align_out)")
-    al.add_argument("--points", type=int, default=25, help="interpolation points (default 25)")
+    al.add_argument(
+        "--activation",
+        choices=ACTIVATIONS,
+        help="activation of a bare dense chain (state dicts only). Default: unknown, so only permutations are used "
+        "(true for every activation) and the barrier is evaluated with relu; relu/leaky_relu add positive scalings, "
+        "tanh adds sign flips, gelu/silu permutations only",
+    )
+    al.add_argument("--out", default="align_out", help="output folder (default: align_out); created, or must be a folder")
+    al.add_argument("--points", type=_points, default=25, help="interpolation points, at least 2 (default 25)")
     al.add_argument("--seed", type=int, default=0)
-    al.add_argument("--backend", choices=["auto", "scipy", "lapx"], default="auto", help="linear-assignment solver")
+    al.add_argument("--backend", choices=["auto", "jv", "scipy", "lapx"], default="auto",
+                    help="linear-assignment solver (default auto: jv, our warm-started exact solver, from 512 units; scipy below)")
     al.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never overwritten)")
     al.add_argument("--repair", action="store_true", help="also plot the aligned path with REPAIR renormalisation of hidden units")
     al.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -116,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     describe = sub.add_parser("describe", help="print the symmetry group of a checkpoint")
     describe.add_argument("target", help="a Hugging Face model folder or config.json, or a .pt/.pth/.bin/.safetensors state dict")
-    describe.add_argument("--activation", help="activation of a bare dense chain (relu adds scaling; default: permutations only)")
+    describe.add_argument(
+        "--activation", choices=ACTIVATIONS, help="activation of a bare dense chain (relu adds scaling; default: unknown, permutations only)"
+    )
     describe.set_defaults(func=_cmd_describe)
     return parser
 
@@ -128,8 +191,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SymmError as exc:
-        print(f"symm: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        print("symm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into e.g. ``head``: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(f"{exc.strerror or exc}{where}")
+    except MemoryError:
+        return _fail("out of memory")
+    except Exception as exc:  # noqa: BLE001 - never a traceback; -v logs it
+        log.info("traceback of the error above:", exc_info=True)
+        return _fail(f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} (rerun with -v for details)")
+
+
+def _fail(message: str) -> int:
+    print(f"symm: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -15,3 +15,15 @@ class CheckpointError(SymmError, ValueError):
 
 class UnsupportedArchitecture(SymmError, NotImplementedError):
     """No catalogue entry or adapter exists for the requested architecture."""
+
+
+class UsageError(SymmError, ValueError):
+    """A command-line or function argument is out of range (checked before any work)."""
+
+
+class OutputError(SymmError):
+    """An output folder cannot be written, is busy, or writing would endanger an input."""
+
+
+class FunctionMismatch(SymmError):
+    """A transformed model does not compute the original function (a wrong symmetry spec); nothing is written."""

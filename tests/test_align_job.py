@@ -4,17 +4,20 @@ logits), and bad input (clear error, non-zero exit, nothing written)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from torch import nn
 
 from aligners import activation_matching, naive_vs_aligned, weight_matching
 from hf_models import VOCAB, build
 from symm.adapters import load_hf
 from symm.cli import main
 from symm.data import digits
-from symm.evaluate import state_dict_of
-from symm.io import save_state_dict
+from symm.evaluate import functional, state_dict_of
+from symm.io import load_state_dict, save_state_dict
 from symm.models import MLP, MLPConfig, spec_for
 from symm.train import evaluate_classifier, train_classifier
 
@@ -150,3 +153,148 @@ def test_repair_restores_endpoint_statistics(digits_pair):
     mu_b, sd_b = _unit_stats(ma, b, "layers.1", data.x_train)
     assert torch.allclose(mu, (mu_a + mu_b) / 2, atol=1e-4)
     assert torch.allclose(sd, (sd_a + sd_b) / 2, rtol=1e-4)
+
+
+# ---- silent wrong answers (issue 11, items 4-6) -------------------------------------------------------------
+
+
+def _save_sequential(folder, name: str, act: nn.Module, sizes=(64, 32, 32, 10), seed: int = 0, fmt: str = "safetensors", dtype=torch.float32):
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(act)
+    model = nn.Sequential(*layers).to(dtype).eval()
+    path = folder / f"{name}.{fmt}"
+    params = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(params, path) if fmt == "safetensors" else torch.save(params, path)
+    return model, path
+
+
+def _relative_output_error(model: nn.Module, params_a, params_b) -> float:
+    """max |f(a) - f(b)| / max |f(b)| on digits, evaluated in float64."""
+    x = digits().x_test[:200].double()
+    m = model.double()
+    with torch.no_grad():
+        ya = functional(m)({k: v.double() for k, v in params_a.items()}, x)
+        yb = functional(m)({k: v.double() for k, v in params_b.items()}, x)
+    return float((ya - yb).abs().max() / yb.abs().max())
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.Tanh(), nn.SiLU()], ids=["gelu", "tanh", "silu"])
+def test_unknown_activation_uses_permutations_only(tmp_path, capsys, act):
+    """A bare state dict of a non-ReLU chain: the written B_aligned is B's function (no ReLU scalings assumed)."""
+    model, pa = _save_sequential(tmp_path, "A", act, seed=0)
+    _, pb = _save_sequential(tmp_path, "B", act, seed=1)
+    out = tmp_path / "out"
+    assert main(["align", str(pa), str(pb), "--out", str(out), "--quiet", "--points", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "permutations only" in printed and "barrier evaluated with relu" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["spec"]["continuous_dimension"] == 0 and report["spec"]["name"].endswith("-any")
+    aligned = load_state_dict(out / "B_aligned.safetensors")
+    b = load_state_dict(pb)
+    assert any(not torch.equal(aligned[k], b[k]) for k in b)  # B was moved ...
+    assert _relative_output_error(model, aligned, b) < 1e-6  # ... and is still B's function
+
+
+@pytest.mark.parametrize("flag,kind", [("relu", "positive-scaling"), ("tanh", "sign-flip")])
+def test_activation_flag_adds_its_group(tmp_path, flag, kind):
+    act = {"relu": nn.ReLU(), "tanh": nn.Tanh()}[flag]
+    model, pa = _save_sequential(tmp_path, "A", act, seed=0)
+    _, pb = _save_sequential(tmp_path, "B", act, seed=1)
+    out = tmp_path / "out"
+    assert main(["align", str(pa), str(pb), "--out", str(out), "--quiet", "--points", "3", "--activation", flag]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["spec"]["name"].endswith(f"-{flag}") and "barrier evaluated with relu" not in report["models"]["architecture"]
+    assert _relative_output_error(model, load_state_dict(out / "B_aligned.safetensors"), load_state_dict(pb)) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+@pytest.mark.parametrize("sizes", [(64, 32, 32, 32, 32, 32, 10), (64, 10, 10, 10, 10, 10, 10)], ids=["w32", "w10"])
+def test_six_layer_sequential_keeps_its_layer_order(tmp_path, capsys, fmt, sizes):
+    """safetensors stores 10.weight before 2.weight; the chain (and the aligned B's function) must not care.
+
+    w32 was refused with a wrong diagnosis; w10 chains in the string order too and was silently mis-aligned."""
+    model, pa = _save_sequential(tmp_path, "A", nn.ReLU(), sizes, seed=0, fmt=fmt)
+    _, pb = _save_sequential(tmp_path, "B", nn.ReLU(), sizes, seed=1, fmt=fmt)
+    out = tmp_path / "out"
+    assert main(["align", str(pa), str(pb), "--out", str(out), "--quiet", "--points", "3", "--activation", "relu"]) == 0
+    assert "layer order 0, 2, 4, 6, 8, 10" in capsys.readouterr().out
+    aligned = load_state_dict(out / f"B_aligned.{fmt}")
+    assert _relative_output_error(model, aligned, load_state_dict(pb)) < 1e-5
+
+
+def test_planted_wrong_spec_is_refused_before_writing(tmp_path, capsys, monkeypatch):
+    """A tanh chain aligned with a ReLU spec (scalings are not a tanh symmetry): exit 2, nothing written."""
+    import dataclasses
+
+    from aligners import job
+
+    real_infer = job.infer_spec
+    monkeypatch.setattr(job, "infer_spec", lambda params, activation=None: dataclasses.replace(real_infer(params, "relu"), activation="tanh"))
+    _, pa = _save_sequential(tmp_path, "A", nn.Tanh(), seed=0)
+    _, pb = _save_sequential(tmp_path, "B", nn.Tanh(), seed=1)
+    before = pb.read_bytes()
+    out = tmp_path / "out"
+    assert main(["align", str(pa), str(pb), "--out", str(out), "--quiet", "--points", "3", "--activation", "tanh"]) == 2
+    err = capsys.readouterr().err
+    assert "does not compute B's function" in err and "worst output error" in err and "Nothing was written" in err
+    assert not out.exists() and pb.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A.safetensors", "B.safetensors"]
+
+
+def test_planted_spec_that_forgets_a_parameter_is_refused_for_hf(llama_pair, tmp_path, capsys, monkeypatch):
+    """A Spec whose action leaves one consumer untouched (a typical catalogue bug): the HF folder is not written."""
+    from aligners import job
+
+    real_resolve = job.resolve
+
+    def planted(a, b, activation, data):
+        spec, task, explanation = real_resolve(a, b, activation, data)
+        real_act = spec.act
+        forget = "model.layers.0.mlp.down_proj.weight"
+        spec.act = lambda params, g: {**real_act(params, g), forget: params[forget].clone()}
+        return spec, task, explanation
+
+    monkeypatch.setattr(job, "resolve", planted)
+    monkeypatch.setattr(job, "_match", lambda method, spec, *args: spec.sample(0))
+    out = tmp_path / "out"
+    assert main(["align", str(llama_pair[0]), str(llama_pair[1]), "--out", str(out), "--quiet", "--points", "3"]) == 2
+    assert "does not compute B's function" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# ---- dtypes, names, paths, messages --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", [torch.float16, torch.bfloat16, torch.float64], ids=["float16", "bfloat16", "float64"])
+def test_low_and_high_precision_pairs(tmp_path, precision):
+    dtype = precision
+    model, pa = _save_sequential(tmp_path, "A", nn.ReLU(), dtype=dtype, seed=0)
+    _, pb = _save_sequential(tmp_path, "B", nn.ReLU(), dtype=dtype, seed=1)
+    out = tmp_path / "out"
+    assert main(["align", str(pa), str(pb), "--out", str(out), "--quiet", "--points", "3", "--activation", "relu"]) == 0
+    aligned = load_state_dict(out / "B_aligned.safetensors")
+    assert {v.dtype for v in aligned.values()} == {dtype}
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"]["dtype"] == str(dtype)[6:]
+    assert report["function_check"]["evaluated_in"] == ("float64" if dtype == torch.float64 else "float32")
+    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}[dtype]
+    assert _relative_output_error(model, aligned, load_state_dict(pb)) < tol
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002], ids=["umask022", "umask002"])
+def test_outputs_respect_the_umask(llama_pair, digits_pair, tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        hf_out, sd_out = tmp_path / "hf", tmp_path / "sd"
+        assert main(["align", str(llama_pair[0]), str(llama_pair[1]), "--out", str(hf_out), "--quiet", "--points", "3"]) == 0
+        assert main(["align", *map(str, digits_pair[2]), "--out", str(sd_out), "--quiet", "--points", "3"]) == 0
+    finally:
+        os.umask(old)
+    for root in (hf_out, sd_out):
+        for p in [root, *root.rglob("*")]:
+            want = (0o777 if p.is_dir() else 0o666) & ~mask
+            assert p.stat().st_mode & 0o777 == want, f"{p}: {oct(p.stat().st_mode & 0o777)} != {oct(want)}"

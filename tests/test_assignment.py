@@ -92,6 +92,8 @@ def test_bad_scores_are_refused(backend):
 
 def test_auto_resolves_to_the_measured_fastest_backend():
     assert resolve_backend("auto") == asg.AUTO_BACKEND == "jv"
+    assert resolve_backend("auto", asg.JV_MIN_N) == "jv"
+    assert resolve_backend("auto", asg.JV_MIN_N - 1) == "scipy"
 
 
 @pytest.mark.parametrize("np_dtype", [np.float64, np.float32])

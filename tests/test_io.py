@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from symm.errors import CheckpointError
-from symm.io import assert_finite, compare_state_dicts, load_state_dict, save_state_dict
+from symm.io import (
+    assert_finite,
+    atomic_write_text,
+    check_weights_file,
+    compare_state_dicts,
+    load_state_dict,
+    safetensors_header,
+    save_state_dict,
+)
 
 
 @pytest.fixture
@@ -49,9 +57,42 @@ def test_truncated_file(tmp_path, params):
     path = save_state_dict(params, tmp_path / "m.safetensors")
     data = path.read_bytes()
     cut = tmp_path / "cut.safetensors"
-    cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="cut.safetensors"):
+    cut.write_bytes(data[: len(data) - 8])
+    with pytest.raises(CheckpointError, match=r"cut.safetensors.*truncated: its header describes \d+ bytes"):
         load_state_dict(cut)
+    cut.write_bytes(data[:20])  # inside the header
+    with pytest.raises(CheckpointError, match="no complete header"):
+        load_state_dict(cut)
+    longer = tmp_path / "longer.safetensors"
+    longer.write_bytes(data + b"\0" * 16)
+    with pytest.raises(CheckpointError, match="16 bytes after the last tensor"):
+        safetensors_header(longer)
+    assert set(safetensors_header(path)) == set(params)
+
+
+def test_check_weights_file_reads_every_tensor(tmp_path, params):
+    path = save_state_dict(params, tmp_path / "m.safetensors")
+    assert check_weights_file(path) == len(params)
+    bad = dict(params)
+    bad["a.weight"] = bad["a.weight"].clone()
+    bad["a.weight"][1, 1] = float("inf")
+    from safetensors.torch import save_file
+
+    save_file(bad, tmp_path / "inf.safetensors")
+    with pytest.raises(CheckpointError, match=r"a\.weight \(0 NaN, 1 Inf\)"):
+        check_weights_file(tmp_path / "inf.safetensors")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_written_files_respect_the_umask(tmp_path, params, mask):
+    old = os.umask(mask)
+    try:
+        paths = [save_state_dict(params, tmp_path / "m.safetensors"), save_state_dict(params, tmp_path / "m.pt")]
+        paths.append(atomic_write_text(tmp_path / "r.json", "{}"))
+    finally:
+        os.umask(old)
+    for p in paths:
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p
 
 
 def test_missing_and_unknown_suffix(tmp_path):
@@ -69,8 +110,12 @@ class Evil:
 def test_pickled_object_is_refused(tmp_path):
     path = tmp_path / "obj.pt"
     torch.save({"w": torch.zeros(2), "obj": Evil()}, path)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError) as info:
         load_state_dict(path)
+    msg = str(info.value)
+    assert "holds pickled Python objects, not only tensors" in msg and "Evil" in msg
+    assert "was not loaded" in msg and "can run code" in msg
+    assert "weights_only" not in msg and "\n" not in msg  # no advice to switch the safety off
 
 
 def test_non_tensor_entries(tmp_path):
@@ -111,3 +156,10 @@ def test_compare_state_dicts(params):
     msg = str(info.value)
     assert "a.bias" in msg and "extra" in msg and "(4, 3)" in msg
     compare_state_dicts(params, dict(params))
+
+
+def test_compare_state_dicts_dtypes(params):
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in params.items()}
+    with pytest.raises(CheckpointError, match=r"different dtypes: a\.bias \(float32 vs float16\)"):
+        compare_state_dicts(params, half)
+    compare_state_dicts(half, dict(half))

@@ -26,7 +26,7 @@ Assign = Callable[[MatchState, str, torch.Tensor], torch.Tensor]
 
 def plain_assignment(state: MatchState, name: str, score: torch.Tensor) -> torch.Tensor:
     """One LAP; with the "jv" backend warm-started from this factor's previous solve (exact either way)."""
-    if resolve_backend(state.backend) != "jv":
+    if resolve_backend(state.backend, score.shape[-1]) != "jv":
         return linear_assignment(score, state.backend)
     sigma, solved = solve_warm(score, state.cache.get(("lap", name)))
     # the step moves B's units by sigma: in the new coordinates the assignment is the identity and column j's
