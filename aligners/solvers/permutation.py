@@ -131,7 +131,10 @@ def permutation_step(state: MatchState, name: str, assign: Assign = plain_assign
         signed, plain, changed = cached_scores(state, name, sign)
         if not changed:  # same score as when this factor was last solved: its assignment stands
             return False
-    effective = sum(s for s in (None if signed is None else signed.abs(), plain) if s is not None)
+    if signed is None:
+        effective = plain
+    else:  # the best sign of each pair: |S_signed| + S_plain
+        effective = signed.abs() if plain is None else signed.abs() + plain
     effective = effective.reshape(*factor.batch, factor.count, factor.count)
     sigma = factor.identity() if not state.free(name) else assign(state, name, effective)
     values: dict[str, torch.Tensor] = {}

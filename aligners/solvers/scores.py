@@ -17,7 +17,7 @@ from symm.views import segment_of, unit_matrix
 from .state import MatchState
 
 #: recompute a use's score from scratch when more than this fraction of its feature columns changed
-DENSE_FRACTION = 0.25
+DENSE_FRACTION = 0.5
 #: recompute from scratch after this many incremental updates (bounds accumulated round-off)
 MAX_UPDATES = 16
 
@@ -30,6 +30,7 @@ class UseCache:
     rows_a: torch.Tensor
     rows_b: torch.Tensor
     part: torch.Tensor
+    version: int = 0
     updates: int = 0
 
 
@@ -52,7 +53,8 @@ def _refresh(cache: UseCache, rows_b: torch.Tensor) -> bool:
         delta = (rows_b.index_select(-1, cols) - cache.rows_b.index_select(-1, cols)).transpose(-1, -2)
         cache.part = cache.part + cache.rows_a.index_select(-1, cols) @ delta
         cache.updates += 1
-    cache.rows_b = rows_b.clone()
+    # parameters are replaced, never modified in place, so a fresh tensor (not a view) can be kept as is
+    cache.rows_b = rows_b if rows_b._base is None else rows_b.clone()
     return True
 
 
@@ -67,14 +69,26 @@ def cached_scores(state: MatchState, name: str, sign: str | None) -> tuple[torch
             ra, rb = _use_rows(state, state.a, use), _use_rows(state, state.b, use)
             seg = segment_of(state.spec, use[0], use[1], use[2])
             signed = sign is not None and any(o.factor == sign for o in seg.acts)
-            caches.append(UseCache(signed, ra.contiguous(), rb.clone(), ra @ rb.transpose(-1, -2)))
+            version = state.versions.get(use[0], 0)
+            caches.append(UseCache(signed, ra.contiguous(), rb.clone(), ra @ rb.transpose(-1, -2), version))
         state.cache[("scores", name)] = caches
     else:
         for use, cache in zip(uses, caches):
-            changed |= _refresh(cache, _use_rows(state, state.b, use))
-    signed = [c.part for c in caches if c.signed]
-    plain = [c.part for c in caches if not c.signed]
-    return (sum(signed) if signed else None), (sum(plain) if plain else None), changed
+            version = state.versions.get(use[0], 0)
+            if version != cache.version:  # the parameter was moved since: find what changed
+                changed |= _refresh(cache, _use_rows(state, state.b, use))
+                cache.version = version
+    return _total([c.part for c in caches if c.signed]), _total([c.part for c in caches if not c.signed]), changed
+
+
+def _total(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """Sum of ``parts`` (a new tensor unless there is only one), or None."""
+    if not parts:
+        return None
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out
 
 
 def track_own_move(state: MatchState, name: str, sigma: torch.Tensor, flips: torch.Tensor | None) -> None:
@@ -82,7 +96,13 @@ def track_own_move(state: MatchState, name: str, sigma: torch.Tensor, flips: tor
     caches: list[UseCache] | None = state.cache.get(("scores", name))
     if caches is None:
         return
-    for cache in caches:
+    movers = {name} | {n for n, f in state.spec.factors.items() if f.parent == name}
+    uses = state.spec.uses(name)
+    for use, cache in zip(uses, caches):
+        pname, axis = use[0], use[1]
+        elsewhere = [u for n in movers for u in state.spec.uses(n) if u[0] == pname and u[1] != axis]
+        if not elsewhere:  # the move changed only this use's rows, tracked below: its parameter is seen as is
+            cache.version = state.versions.get(pname, 0)
         index = sigma.unsqueeze(-1).expand(*sigma.shape, cache.rows_b.shape[-1])
         rows = cache.rows_b.gather(-2, index)
         part = cache.part.gather(-1, sigma.unsqueeze(-2).expand_as(cache.part))

@@ -28,6 +28,8 @@ class MatchState:
     backend: str = "auto"
     score_dtype: torch.dtype = torch.float64
     cache: dict = field(default_factory=dict)
+    #: per parameter, how many times :meth:`apply` changed it (lets caches skip unchanged parameters)
+    versions: dict[str, int] = field(default_factory=dict)
 
     def apply(self, delta: GroupElement, names: Iterable[str]) -> None:
         """``b <- delta . b`` on the parameters that the factors ``names`` touch; ``g <- delta . g``."""
@@ -36,6 +38,7 @@ class MatchState:
         touched = {p for n in names for p, *_ in spec.uses(n)} | {p for n in names for p, _ in spec.shifts_of(n)}
         for p in touched:
             self.b[p] = act_param(spec, spec.params[p], self.b[p], delta.values)
+            self.versions[p] = self.versions.get(p, 0) + 1
         self.g = delta.compose(self.g)
 
     def free(self, name: str) -> bool:
