@@ -2,7 +2,8 @@
 
 1. Starting point: ``s0`` holds the ``fixed`` values (kept exactly) and the ``init`` values (a warm start).
 2. Scalings are fixed canonically (balanced forms, :mod:`aligners.canonical`), fixed scalings excepted.
-3. Block-coordinate ascent: each sweep visits the permutation-like factors in random order and calls the solver
+3. Block-coordinate ascent: each sweep visits the permutation-like factors (the first sweep from the input side,
+   :func:`aligners.solvers.anchored_order`; later ones in random order) and calls the solver
    of their kind (:mod:`aligners.solvers`, one per factor kind, dispatched on ``factor.kind``); solvers update
    the current B and the running element together. Then translations are re-centred.
 4. Stop when a sweep changes no permutation, or when ``patience`` sweeps in a row do not raise the best objective
@@ -121,8 +122,8 @@ def weight_matching(
     bar = tqdm(range(max_sweeps), desc="weight matching", unit="sweep", disable=not progress or not steps.sweep, leave=False)
     for sweep in bar:
         changed = 0
-        for i in torch.randperm(len(steps.sweep), generator=gen).tolist():
-            name = steps.sweep[i]
+        order = steps.first if sweep == 0 else [steps.sweep[i] for i in torch.randperm(len(steps.sweep), generator=gen).tolist()]
+        for name in order:
             if not within_heads and name in heads:
                 changed += head_step(state, name, within=False)
             else:

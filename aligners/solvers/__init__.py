@@ -53,10 +53,38 @@ def solver_for(spec: Spec, name: str) -> KindSolver:
 
 @dataclass(frozen=True)
 class Plan:
-    """Which factors a run visits: ``sweep`` each sweep in random order, then ``after``."""
+    """Which factors a run visits: ``sweep`` each sweep (the first in ``first`` order, later ones in random order),
+    then ``after``."""
 
     sweep: tuple[str, ...]
     after: tuple[str, ...]
+    first: tuple[str, ...] = ()
+
+
+def anchored_order(spec: Spec, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Greedy order in which each factor has as many already-placed neighbours as possible.
+
+    A use of a factor is *anchored* when no other axis of its parameter carries a factor still to be visited
+    (its features are in the same order in A and B). Visiting the most anchored factor first (the input layer of
+    an MLP, then the next) gives the first sweep scores with signal instead of noise: easier assignments and
+    fewer sweeps.
+    """
+    left, order = list(names), []
+    while left:
+        pending = set(left)
+
+        def anchored(n: str) -> float:
+            uses = spec.uses(n)
+            free = sum(
+                all(on.factor not in pending or on.factor == n for a, _, seg in spec.params[p].segments() if a != axis for on in seg.acts)
+                for p, axis, _, _ in uses
+            )
+            return free / max(len(uses), 1)
+
+        best = max(left, key=lambda n: (anchored(n), -left.index(n)))
+        order.append(best)
+        left.remove(best)
+    return tuple(order)
 
 
 def plan(spec: Spec, fixed: frozenset[str]) -> Plan:
@@ -73,7 +101,7 @@ def plan(spec: Spec, fixed: frozenset[str]) -> Plan:
         needs_visit.add(parent)
     sweep = tuple(n for n in spec.factor_order if solver_for(spec, n).role == "sweep" and (n not in fixed or n in needs_visit))
     after = tuple(n for n in spec.factor_order if solver_for(spec, n).role == "after" and n not in fixed)
-    return Plan(sweep, after)
+    return Plan(sweep, after, anchored_order(spec, sweep))
 
 
-__all__ = ["SOLVERS", "KindSolver", "MatchState", "Plan", "plan", "solver_for"]
+__all__ = ["SOLVERS", "KindSolver", "MatchState", "Plan", "anchored_order", "plan", "solver_for"]
