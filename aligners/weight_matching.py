@@ -106,8 +106,9 @@ def weight_matching(
     start, fixed_names = starting_element(spec, fixed, init)
     work = torch.float64 if any(v.dtype == torch.float64 for v in (*params_a.values(), *params_b.values())) else torch.float32
     a0, b0 = _working_copy(params_a, work), spec.act(_working_copy(params_b, work), start)
-    canon_a = balance_scalings(spec, a0, exclude=fixed_names)
-    canon_b = balance_scalings(spec, b0, exclude=fixed_names)
+    tol = 1e-13 if work == torch.float64 else 1e-9  # log-step tolerance, far below the working precision
+    canon_a = balance_scalings(spec, a0, tol=tol, exclude=fixed_names)
+    canon_b = balance_scalings(spec, b0, tol=tol, exclude=fixed_names)
     state = MatchState(spec, spec.act(a0, canon_a), spec.act(b0, canon_b), spec.identity(), fixed_names, backend, work)
     steps = plan(spec, fixed_names)
     if not within_heads:
