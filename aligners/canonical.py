@@ -109,7 +109,7 @@ def balance_scalings(
     Scalings in ``exclude`` (fixed by the caller) stay at the identity and are balanced around.
     """
     names = [n for n in spec.factor_order if spec.factors[n].kind == "positive-scaling" and n not in exclude]
-    g = spec.identity()
+    g = GroupElement.identity(spec)
     if not names:
         return g
     acts: dict[str, list[tuple[int, int, int, On]]] = {}

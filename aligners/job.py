@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from symm.action import act
 from symm.adapters import infer_spec, is_hf_folder, spec_from_hf
 from symm.adapters.infer import DenseChain
 from symm.checkpoint import Checkpoint, hf_architecture_difference, load_checkpoint
@@ -155,7 +156,7 @@ def resolve(a: Checkpoint, b: Checkpoint, activation: str | None, data: str | No
     if split.x_train.shape[1] != d_in or split.n_classes != d_out:
         raise CheckpointError(f"--data {name} has {split.x_train.shape[1]} inputs and {split.n_classes} classes; the model is {d_in}->{d_out}")
     acts = PROBE_ACTIVATIONS if inferred.activation == "any" else (inferred.activation,)
-    probes = [DenseChain(inferred, activation=act).to(dtype).eval() for act in acts]
+    probes = [DenseChain(inferred, activation=fn).to(dtype).eval() for fn in acts]
     explanation = inferred.explanation
     if inferred.activation == "any":
         explanation += "; barrier evaluated with relu (the true activation is unknown; pass --activation)"
@@ -257,7 +258,7 @@ def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend
     info, t1 = MatchInfo(), time.perf_counter()
     g = _match(method, spec, task, pa, pb, seed, backend, progress, info)
     t_align = time.perf_counter() - t1
-    aligned = spec.act(b.params, g)  # in B's own dtype: this is what is written
+    aligned = act(spec, b.params, g)  # in B's own dtype: this is what is written
     aligned_eval = cast(aligned, dtype)
     error = check_same_function(task.probe, pb, aligned_eval, stored, "the aligned B")
     fault_point("matched")

@@ -9,7 +9,7 @@
 4. Stop when a sweep changes no permutation, or when ``patience`` sweeps in a row do not raise the best objective
    sum <theta_A, g.theta_B> (steps matched on invariants, such as experts and heads, need not raise it and can
    cycle); the best element seen is returned.
-Result: ``c_A^{-1} . g . c_B . s0``, applied with ``spec.act`` like every element.
+Result: ``c_A^{-1} . g . c_B . s0``, applied with ``act(spec, params, g)`` like every element.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from symm.action import act
 from symm.element import GroupElement
 from symm.errors import SpecError
 from symm.spec import Spec
@@ -73,7 +74,7 @@ def starting_element(spec: Spec, fixed: Values, init: Values) -> tuple[GroupElem
     if both:
         raise SpecError(f"factors given both as fixed and as init: {both}")
     try:
-        start = spec.identity().replace(**fixed_v, **init_v)
+        start = GroupElement.identity(spec).replace(**fixed_v, **init_v)
     except SpecError as exc:
         raise SpecError(f"fixed/init values are not group elements: {exc}") from None
     return start, frozenset(fixed_v)
@@ -105,11 +106,11 @@ def weight_matching(
     spec.check_params(params_b, what="checkpoint B")
     start, fixed_names = starting_element(spec, fixed, init)
     work = torch.float64 if any(v.dtype == torch.float64 for v in (*params_a.values(), *params_b.values())) else torch.float32
-    a0, b0 = _working_copy(params_a, work), spec.act(_working_copy(params_b, work), start)
+    a0, b0 = _working_copy(params_a, work), act(spec, _working_copy(params_b, work), start)
     tol = 1e-13 if work == torch.float64 else 1e-9  # log-step tolerance, far below the working precision
     canon_a = balance_scalings(spec, a0, tol=tol, exclude=fixed_names)
     canon_b = balance_scalings(spec, b0, tol=tol, exclude=fixed_names)
-    state = MatchState(spec, spec.act(a0, canon_a), spec.act(b0, canon_b), spec.identity(), fixed_names, backend, work)
+    state = MatchState(spec, act(spec, a0, canon_a), act(spec, b0, canon_b), GroupElement.identity(spec), fixed_names, backend, work)
     steps = plan(spec, fixed_names)
     if not within_heads:
         from .solvers.heads import head_step

@@ -35,6 +35,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for x in r:
         print(f"| {x['case']} | {x['backend']} | {x['sweeps']} | {x['seconds']:.2f} | {x['s_per_sweep']:.3f} | {x['peak_rss_mb']:.0f} |")
+    print()
+    r = json.loads((RESULTS / "bench_vs_peers.json").read_text())["rows"]
+    print("| width | method | matching time (s) | sweeps | loss barrier: naive | aligned | aligned B = B's function |")
+    print("|---|---|---|---|---|---|---|")
+    for x in r:
+        print(f"| {x['width']} | {x['method']} | {x['match_s']:.3f} | {x['sweeps']} | {x['naive_barrier']:.3f} | {x['aligned_barrier']:.4f} | {'ok' if x['function_ok'] else 'NO'} ({x['function_rel_err']:.0e}) |")
 
 
 if __name__ == "__main__":

@@ -153,6 +153,7 @@ def barrier_curve(evaluate: Callable[[Params], tuple[float, float]], a: Params, 
 def run_symm(a: Params, b: Params, width: int, batch: torch.Tensor) -> tuple[dict[str, torch.Tensor], int, dict]:
     """symm: inferred ReLU-MLP spec (permutations x positive scalings), public weight_matching API."""
     from aligners import MatchInfo, weight_matching
+    from symm.action import act
     from symm.adapters import infer_spec
 
     t0 = time.perf_counter()
@@ -161,7 +162,7 @@ def run_symm(a: Params, b: Params, width: int, batch: torch.Tensor) -> tuple[dic
     t1 = time.perf_counter()
     g = weight_matching(spec, a, b, progress=False, info=info)
     t2 = time.perf_counter()
-    aligned = spec.act(b, g)
+    aligned = act(spec, b, g)
     t3 = time.perf_counter()
     return dict(aligned), info.sweeps, {"spec_s": t1 - t0, "weight_matching_s": t2 - t1, "act_s": t3 - t2}
 
@@ -372,7 +373,7 @@ def main() -> None:
         "rebasin": {"available": ok, "detail": rebasin_version, "install_s": install_s, "pins": list(REBASIN_PINS)},
         "notes": (
             "match_s: one timed run per method and width, from state dicts in memory to aligned B weights "
-            "(symm: infer_spec + weight_matching + spec.act; rebasin: PermutationCoordinateDescent init (tracing) + rebasin(); "
+            "(symm: infer_spec + weight_matching + act; rebasin: PermutationCoordinateDescent init (tracing) + rebasin(); "
             "classic: table + weight_matching + apply). sweeps: symm MatchInfo.sweeps; rebasin and classic count every sweep "
             "including the final one that changes nothing. symm also fixes ReLU positive scalings (balanced point); "
             "rebasin and classic are permutation-only. function check: max|f_aligned - f_B| / max|f_B| on the test inputs "

@@ -19,6 +19,7 @@ import torch
 from _common import RESULTS, quiet_logs, table, write_json
 from aligners import naive_vs_aligned, weight_matching
 from aligners.job import lm_task
+from symm.action import act
 from symm.adapters import spec_from_hf
 from symm.data import byte_tokens
 from symm.evaluate import state_dict_of
@@ -58,7 +59,7 @@ def run(name: str, pe: str, build, hf: bool, tokens, steps: int) -> dict:
     curves = {}
     for method, kwargs in (("heads-only", {"within_heads": False}), ("full", {})):
         g = weight_matching(spec, a, b, progress=False, **kwargs)
-        rep = naive_vs_aligned(task.evaluate, a, b, spec.act(b, g), n_points=11, progress=False)
+        rep = naive_vs_aligned(task.evaluate, a, b, act(spec, b, g), n_points=11, progress=False)
         row["barrier_naive"] = rep.naive.loss_barrier
         row[f"barrier_{method}"] = rep.aligned.loss_barrier
         curves["naive"], curves[method] = rep.naive.loss, rep.aligned.loss

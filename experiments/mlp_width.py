@@ -17,6 +17,7 @@ import torch
 
 from _common import RESULTS, quiet_logs, table, write_json
 from aligners import activation_matching, naive_vs_aligned, weight_matching
+from symm.action import act
 from symm.data import digits, mnist1d
 from symm.evaluate import state_dict_of
 from symm.models import MLP, MLPConfig, spec_for
@@ -44,8 +45,8 @@ def run(dataset: str, width: int, seed: int = 0) -> dict:
     t2 = time.perf_counter()
     g_a = activation_matching(spec, models[0], a, b, data.x_train, progress=False, seed=seed)
     row["activations_s"] = time.perf_counter() - t2
-    weights = naive_vs_aligned(evaluate, a, b, spec.act(b, g_w), progress=False)
-    acts = naive_vs_aligned(evaluate, a, b, spec.act(b, g_a), progress=False)
+    weights = naive_vs_aligned(evaluate, a, b, act(spec, b, g_w), progress=False)
+    acts = naive_vs_aligned(evaluate, a, b, act(spec, b, g_a), progress=False)
     row.update(
         loss_naive=weights.naive.loss_barrier,
         loss_weights=weights.aligned.loss_barrier,

@@ -18,6 +18,7 @@ import torch
 from _common import RESULTS, quiet_logs, table, write_json
 from aligners import naive_vs_aligned, weight_matching
 from aligners.job import lm_task
+from symm.action import act
 from symm.data import byte_tokens
 from symm.evaluate import state_dict_of
 from symm.factors import Permutation
@@ -42,7 +43,7 @@ def run(gating: str, tokens, steps: int) -> dict:
     curves = {}
     for method, kwargs in (("no-expert-order", {"fixed": experts}), ("expert-order", {})):
         g = weight_matching(spec, a, b, progress=False, **kwargs)
-        rep = naive_vs_aligned(task.evaluate, a, b, spec.act(b, g), n_points=11, progress=False)
+        rep = naive_vs_aligned(task.evaluate, a, b, act(spec, b, g), n_points=11, progress=False)
         row["barrier_naive"] = rep.naive.loss_barrier
         row[f"barrier_{method}"] = rep.aligned.loss_barrier
         if method == "expert-order":

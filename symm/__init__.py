@@ -1,5 +1,6 @@
 """symm: a catalogue of weight-space symmetries (Spec / Factor / GroupElement) for torch state dicts."""
 
+from .action import act
 from .element import GroupElement
 from .errors import CheckpointError, SpecError, SymmError, UnsupportedArchitecture
 from .factors import (
@@ -37,6 +38,7 @@ __all__ = [
     "SymmError",
     "Translation",
     "UnsupportedArchitecture",
+    "act",
     "coupled_factors",
     "describe",
     "merge",

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import SymmError
+from .graph import describe
 
 log = logging.getLogger("symm.cli")
 
@@ -90,7 +91,7 @@ def _cmd_describe(args: argparse.Namespace) -> int:
         spec = inferred.spec
     print(describe_blocks(spec))
     if args.verbose:
-        print(spec.describe())
+        print(describe(spec))
     return 0
 
 

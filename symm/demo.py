@@ -8,8 +8,11 @@ from pathlib import Path
 
 import torch
 
+from .action import act
 from .data import digits
+from .element import GroupElement
 from .evaluate import functional, state_dict_of
+from .graph import describe
 from .io import save_state_dict
 from .models import MLP, MLPConfig, spec_for
 from .testing import relative_error
@@ -42,7 +45,7 @@ def run_demo(out_dir: str | Path = "demo_out", width: int = 512, depth: int = 2,
     params = state_dict_of(model)
     f = functional(model)
     with torch.no_grad():
-        err = relative_error(f(spec.act(params, spec.sample(seed)), data.x_test), f(params, data.x_test))
+        err = relative_error(f(act(spec, params, GroupElement.sample(spec, seed)), data.x_test), f(params, data.x_test))
     report = align(paths[0], paths[1], out, method=method, activation="relu", seed=seed, overwrite=True, progress=progress)
-    summary = spec.describe().split("parameters (")[0].rstrip()
+    summary = describe(spec).split("parameters (")[0].rstrip()
     return DemoResult(summary, err, report)

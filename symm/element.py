@@ -10,13 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import torch
 
-from .action import apply_linear
+from .action import act, apply_linear
 from .errors import SpecError
 from .factors import Translation
-from .spec import Spec
+
+if TYPE_CHECKING:
+    from .spec import Spec
 
 
 def _generator(rng: int | torch.Generator) -> torch.Generator:
@@ -137,7 +140,8 @@ class GroupElement:
 
     # ----- action and inspection ---------------------------------------------------------------------
     def act(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.spec.act(params, self)
+        """``g . params``, the same as ``act(g.spec, params, g)``."""
+        return act(self.spec, params, self)
 
     def is_identity(self, atol: float = 1e-12) -> bool:
         return all(self.spec.factors[n].is_identity(v, atol) for n, v in self.values.items())

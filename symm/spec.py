@@ -4,6 +4,9 @@ A parameter's axis is split into concatenated :class:`Segment` s (a fused QKV ax
 lists the factors acting on it (:class:`On`, with the side: ``out`` acts as g, ``in`` as g^{-T}).
 A :class:`Shift` adds a translation to every slice along one axis (softmax router rows).
 Catalogue entries build :class:`Fragment` s; ``Spec(fragment)`` validates the whole model.
+A Spec is data plus validation; the operations live beside it: ``act(spec, params, g)`` (:mod:`symm.action`),
+``GroupElement.identity(spec)`` / ``GroupElement.sample(spec, rng)`` (:mod:`symm.element`), ``to_networkx(spec)``
+and ``describe(spec)`` (:mod:`symm.graph`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from .errors import SpecError
 from .factors import Factor, Side, Translation
+from .validate import validate_spec
 
 
 @dataclass(frozen=True)
@@ -153,8 +157,6 @@ class Spec:
         self.factors: Mapping[str, Factor] = MappingProxyType(dict(fragment.factors))
         self.params: Mapping[str, ParamSpec] = MappingProxyType(dict(fragment.params))
         self.notes: tuple[str, ...] = tuple(fragment.notes)
-        from .validate import validate_spec
-
         validate_spec(self)
         self._order = self._topological_order()
 
@@ -231,35 +233,6 @@ class Spec:
         if problems:
             label = f" ({self.name})" if self.name else ""
             raise SpecError(f"{what} do not match the spec{label}: " + "; ".join(problems))
-
-    # ----- conveniences (defined in other modules, exposed here) -------------------------------------
-    def act(self, params: Mapping[str, torch.Tensor], g: "GroupElement") -> dict[str, torch.Tensor]:  # noqa: F821
-        """``g . params``: a new state dict; the input is never modified."""
-        from .action import act
-
-        return act(self, params, g)
-
-    def identity(self) -> "GroupElement":  # noqa: F821
-        from .element import GroupElement
-
-        return GroupElement.identity(self)
-
-    def sample(self, rng: "int | torch.Generator", only: "Iterable[str] | None" = None) -> "GroupElement":  # noqa: F821
-        """A random element; ``only`` keeps every other factor at the identity."""
-        from .element import GroupElement
-
-        return GroupElement.sample(self, rng, only=only)
-
-    def graph(self):
-        """A networkx graph with factor and parameter nodes (see :mod:`symm.graph`)."""
-        from .graph import to_networkx
-
-        return to_networkx(self)
-
-    def describe(self) -> str:
-        from .graph import describe
-
-        return describe(self)
 
     def __repr__(self) -> str:
         return f"Spec({self.name or 'unnamed'}: {len(self.factors)} factors, {len(self.params)} parameters)"

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
+from symm.action import act
 from symm.element import GroupElement
 from symm.errors import UnsupportedArchitecture
 from symm.evaluate import state_dict_of
@@ -93,7 +94,7 @@ def recovery_problems(
 ) -> list[str]:
     """Everything wrong with ``h`` as the answer to ``planted = h_star^{-1} . params`` (empty when recovered)."""
     problems = []
-    dist = rel_distance(spec.act(planted, h), params)
+    dist = rel_distance(act(spec, planted, h), params)
     if not dist <= DIST_TOL:
         problems.append(f"||h.B - A|| / ||A|| = {dist:.3e} > {DIST_TOL:.0e}")
     for name in spec.permutation_factors:
@@ -105,6 +106,6 @@ def recovery_problems(
 
 def plant(spec: Spec, params: Mapping[str, torch.Tensor], h_star: GroupElement) -> dict[str, torch.Tensor]:
     """``B = h_star^{-1} . A``; asserts that it really moved the weights (else the test proves nothing)."""
-    planted = spec.act(params, h_star.inverse())
+    planted = act(spec, params, h_star.inverse())
     assert rel_distance(planted, params) > 1e-3, "the planted element does not move the weights"
     return planted

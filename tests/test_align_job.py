@@ -13,9 +13,11 @@ from torch import nn
 
 from aligners import activation_matching, naive_vs_aligned, weight_matching
 from hf_models import VOCAB, build
+from symm.action import act
 from symm.adapters import load_hf
 from symm.cli import main
 from symm.data import digits
+from symm.element import GroupElement
 from symm.evaluate import functional, state_dict_of
 from symm.io import load_state_dict, save_state_dict
 from symm.models import MLP, MLPConfig, spec_for
@@ -46,11 +48,11 @@ def test_independent_digits_mlps_barrier_drops(digits_pair, method):
         g = weight_matching(spec, a, b, progress=False)
     else:
         g = activation_matching(spec, ma, a, b, data.x_train, progress=False)
-    report = naive_vs_aligned(lambda p: evaluate_classifier(ma, p, data.x_test, data.y_test), a, b, spec.act(b, g), progress=False)
+    report = naive_vs_aligned(lambda p: evaluate_classifier(ma, p, data.x_test, data.y_test), a, b, act(spec, b, g), progress=False)
     assert report.naive.loss_barrier > 0.05
     assert report.aligned.loss_barrier < 0.3 * report.naive.loss_barrier
     # the aligned B is the same function as B
-    assert evaluate_classifier(mb, spec.act(b, g), data.x_test, data.y_test) == pytest.approx(evaluate_classifier(mb, b, data.x_test, data.y_test), abs=1e-5)
+    assert evaluate_classifier(mb, act(spec, b, g), data.x_test, data.y_test) == pytest.approx(evaluate_classifier(mb, b, data.x_test, data.y_test), abs=1e-5)
 
 
 def test_cli_align_state_dicts(digits_pair, tmp_path, capsys):
@@ -146,7 +148,7 @@ def test_repair_restores_endpoint_statistics(digits_pair):
     data, (ma, mb), _ = digits_pair
     a, b = state_dict_of(ma), state_dict_of(mb)
     spec = spec_for(ma)
-    b = spec.act(b, weight_matching(spec, a, b, progress=False))
+    b = act(spec, b, weight_matching(spec, a, b, progress=False))
     mixed = repair(spec, ma, a, b, interpolate(a, b, 0.5), 0.5, data.x_train)
     mu, sd = _unit_stats(ma, mixed, "layers.1", data.x_train)
     mu_a, sd_a = _unit_stats(ma, a, "layers.1", data.x_train)
@@ -246,20 +248,12 @@ def test_planted_wrong_spec_is_refused_before_writing(tmp_path, capsys, monkeypa
 
 
 def test_planted_spec_that_forgets_a_parameter_is_refused_for_hf(llama_pair, tmp_path, capsys, monkeypatch):
-    """A Spec whose action leaves one consumer untouched (a typical catalogue bug): the HF folder is not written."""
+    """An action that leaves one consumer untouched (a typical catalogue bug): the HF folder is not written."""
     from aligners import job
 
-    real_resolve = job.resolve
-
-    def planted(a, b, activation, data):
-        spec, task, explanation = real_resolve(a, b, activation, data)
-        real_act = spec.act
-        forget = "model.layers.0.mlp.down_proj.weight"
-        spec.act = lambda params, g: {**real_act(params, g), forget: params[forget].clone()}
-        return spec, task, explanation
-
-    monkeypatch.setattr(job, "resolve", planted)
-    monkeypatch.setattr(job, "_match", lambda method, spec, *args: spec.sample(0))
+    forget = "model.layers.0.mlp.down_proj.weight"
+    monkeypatch.setattr(job, "act", lambda spec, params, g: {**act(spec, params, g), forget: params[forget].clone()})
+    monkeypatch.setattr(job, "_match", lambda method, spec, *args: GroupElement.sample(spec, 0))
     out = tmp_path / "out"
     assert main(["align", str(llama_pair[0]), str(llama_pair[1]), "--out", str(out), "--quiet", "--points", "3"]) == 2
     assert "does not compute B's function" in capsys.readouterr().err

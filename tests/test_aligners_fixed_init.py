@@ -20,6 +20,8 @@ import torch
 
 from aligners import MatchInfo, weight_matching
 from planted import plant, recovery_problems, reference_params, rel_distance, value_mismatch
+from symm.action import act
+from symm.element import GroupElement
 from symm.errors import SymmError
 from symm.factors import Factor
 from symm.models import CNNConfig, MLPConfig, TransformerConfig, spec_for
@@ -107,7 +109,7 @@ def _problem(spec_name: str, seed: int, fixed_name: str | None = None, fixed_val
     """(spec, A, h*, B) with h* random except h*[fixed_name] = fixed_value."""
     spec = SPECS[spec_name]
     params = reference_params(SHOWCASE[spec_name], seed)
-    h_star = spec.sample(3_000 + seed)
+    h_star = GroupElement.sample(spec, 3_000 + seed)
     if fixed_name is not None:
         h_star = h_star.replace(**{fixed_name: fixed_value})
     return spec, params, h_star, plant(spec, params, h_star)
@@ -175,7 +177,7 @@ def test_fixed_parent_still_solves_children(rep):
         bad = value_mismatch(spec, child, h.values[child], h_star.values[child], atol=1e-7)
         if bad:
             problems.append(bad)
-    dist = rel_distance(spec.act(planted, h), params)
+    dist = rel_distance(act(spec, planted, h), params)
     assert not problems and dist <= 1e-6, f"children of fixed {name} not solved (distance {dist:.2e}): " + "; ".join(problems)
 
 
@@ -195,13 +197,13 @@ def test_fixed_child_kept_while_parent_solved(rep):
     h, _ = _solve(spec, params, planted, fixed={name: value})
     assert value_mismatch(spec, name, h.values[name], value) is None, f"fixed child {name} was re-solved"
     assert torch.equal(h.values[parent], h_star.values[parent]), f"parent {parent} of fixed {name} not solved"
-    assert rel_distance(spec.act(planted, h), params) <= 1e-6
+    assert rel_distance(act(spec, planted, h), params) <= 1e-6
 
 
 def test_fixed_everything_returns_it():
     """Every factor fixed: nothing left to solve, the given element comes back unchanged."""
     spec, params, h_star, planted = _problem("lm-moe", 0)
-    g = SPECS["lm-moe"].sample(99)
+    g = GroupElement.sample(SPECS["lm-moe"], 99)
     h, _ = _solve(spec, params, planted, fixed=dict(g.values))
     for name in spec.factors:
         assert value_mismatch(spec, name, h.values[name], g.values[name]) is None
@@ -296,7 +298,7 @@ def test_init_random_still_recovers(spec_name):
     failures = []
     for seed in PLANT_SEEDS:
         spec, params, h_star, planted = _problem(spec_name, seed)
-        start = spec.sample(5_000 + seed)
+        start = GroupElement.sample(spec, 5_000 + seed)
         h, _ = _solve(spec, params, planted, init=dict(start.values))
         failures += [f"seed {seed}: {p}" for p in recovery_problems(spec, params, planted, h, h_star)]
     assert not failures, "\n".join(failures)
@@ -323,7 +325,7 @@ def test_init_accepts_a_group_element():
 def test_init_is_not_mutated_and_not_a_constraint():
     """A wrong init value for one factor is corrected (init is a start, not fixed) and the dict is left alone."""
     spec, params, h_star, planted = _problem("mlp-tanh", 0)
-    wrong = spec.sample(77)
+    wrong = GroupElement.sample(spec, 77)
     init = {n: v.clone() for n, v in wrong.values.items()}
     h, _ = _solve(spec, params, planted, init=init)
     for n, v in wrong.values.items():
@@ -337,7 +339,7 @@ def test_init_and_fixed_together(rep):
     spec = SPECS[spec_name]
     value = _value(spec, name, "random", 0)
     spec, params, h_star, planted = _problem(spec_name, 0, name, value)
-    start = spec.sample(6_000)
+    start = GroupElement.sample(spec, 6_000)
     init = {n: v for n, v in start.values.items() if n != name}
     h, _ = _solve(spec, params, planted, fixed={name: value}, init=init)
     assert value_mismatch(spec, name, h.values[name], value) is None, f"fixed {name} not kept with init"

@@ -8,7 +8,9 @@ import torch
 
 from aligners import MatchInfo, lmc_curve, weight_matching
 from hf_models import VOCAB, build, configs, params_of
+from symm.action import act
 from symm.adapters import spec_from_hf
+from symm.element import GroupElement
 from symm.evaluate import functional, state_dict_of
 from symm.models import (
     CNNConfig,
@@ -61,15 +63,15 @@ def _loss_fn(f, x):
 
 
 def _check_recovery(spec, params, evaluate, seed=11, barrier_tol=1e-6):
-    g = spec.sample(seed)
-    planted = spec.act(params, g)
+    g = GroupElement.sample(spec, seed)
+    planted = act(spec, params, g)
     info = MatchInfo()
     h = weight_matching(spec, params, planted, progress=False, info=info, seed=seed)
     assert info.converged
     g_inv = g.inverse()
     for name in spec.permutation_factors:
         assert torch.equal(h.values[name], g_inv.values[name]), f"factor {name} not recovered"
-    aligned = spec.act(planted, h)
+    aligned = act(spec, planted, h)
     curve = lmc_curve(evaluate, params, aligned, n_points=9, progress=False)
     scale = max(1.0, abs(curve.loss[0]))
     assert curve.loss_barrier <= barrier_tol * scale

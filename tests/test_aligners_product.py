@@ -20,6 +20,7 @@ import torch
 from aligners import MatchInfo, weight_matching
 from planted import SPEC_ONLY_ACTIVATIONS, buildable, plant, recovery_problems, reference_params
 from symm import catalogue
+from symm.element import GroupElement
 from symm.models import CNNConfig, MLPConfig, ResidualCNNConfig, ResidualMLPConfig, TransformerConfig, spec_for
 from symm.models.transformer import FFN_KINDS
 
@@ -125,7 +126,7 @@ def test_planted_recovery_product(case_id):
     failures = []
     for seed in SEEDS:
         params = reference_params(config, seed)
-        h_star = spec.sample(1000 + seed)
+        h_star = GroupElement.sample(spec, 1000 + seed)
         planted = plant(spec, params, h_star)
         info = MatchInfo()
         try:
@@ -178,7 +179,7 @@ def test_planted_elements_are_generic():
     """Sanity of the set-up: the planted element moves every kind of factor (not the identity by accident)."""
     config = _lm(ffn="moe", n_layers=1, router_bias=True, shared_expert=True)
     spec = spec_for(config)
-    h_star = spec.sample(1000)
+    h_star = GroupElement.sample(spec, 1000)
     for name, f in spec.factors.items():
         assert not f.is_identity(h_star.values[name]) or f.count == 1, f"{name} sampled as the identity"
     assert torch.is_floating_point(reference_params(config, 0)["embed.weight"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from symm.action import act
+from symm.element import GroupElement
 from symm.evaluate import functional, state_dict_of
 from symm.models import TransformerConfig, TransformerLM, spec_for
 from symm.testing import assert_group_axioms, assert_invariant, assert_not_invariant
@@ -93,8 +95,8 @@ def test_wrong_rope_layout_breaks_function():
     """A rotation-scaling built for the other pair layout is not a symmetry."""
     model, params, f = _model(CASES["rope-half"], torch.float64)
     wrong = spec_for(TransformerConfig(pe="rope", rope_layout="interleaved", n_kv_heads=2))
-    g = wrong.sample(5, only=[n for n in wrong.factors if n.endswith(".qk")])
-    assert_not_invariant(f, params, wrong.act(params, g))
+    g = GroupElement.sample(wrong, 5, only=[n for n in wrong.factors if n.endswith(".qk")])
+    assert_not_invariant(f, params, act(wrong, params, g))
 
 
 def _swap_query_heads(params, config, a, b):
@@ -128,7 +130,7 @@ def test_head_permutation_samples_respect_kv_groups():
     spec2 = spec_for(CASES["rope-half"])
     factor = spec2.factors["blocks.0.attn.heads"]
     for seed in range(20):
-        perm = spec2.sample(seed).values["blocks.0.attn.heads"]
+        perm = GroupElement.sample(spec2, seed).values["blocks.0.attn.heads"]
         assert torch.equal(perm // 2, (perm // 2).reshape(2, 2)[:, :1].expand(2, 2).reshape(-1))
         factor.check_element(perm)
 
@@ -137,5 +139,5 @@ def test_sinusoidal_stream_cannot_be_permuted(dtype):
     """A fixed additive PE table pins the residual stream: permuting it (as learned PE allows) breaks the function."""
     _, params, f = _model(CASES["sinusoidal"], dtype)
     learned_spec = spec_for(TransformerConfig(pe="none", n_kv_heads=2))
-    g = learned_spec.sample(1, only=["stream"])
-    assert_not_invariant(f, params, learned_spec.act(params, g))
+    g = GroupElement.sample(learned_spec, 1, only=["stream"])
+    assert_not_invariant(f, params, act(learned_spec, params, g))

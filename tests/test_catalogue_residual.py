@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from symm import Fragment, GroupElement, Permutation, PositiveScaling, Spec, coupled_factors, testing
+from symm.action import act
 from symm.catalogue import layernorm, linear, mlp
 from symm.catalogue.units import Units
 from symm.models import ResidualCNNConfig, ResidualMLPConfig, spec_for
@@ -83,7 +84,7 @@ def test_stream_is_one_shared_permutation(norm):
 def test_stream_permuted_without_layernorm_gain_breaks(make_case):
     case = make_case(ResidualMLPConfig(norm=True), torch.float64)
     g = GroupElement.sample(case.spec, 0, only=["stream"])
-    moved = case.spec.act(case.params, g)
+    moved = act(case.spec, case.params, g)
     assert testing.relative_error(case.f(moved), case.f(case.params)) < 1e-10
     for k in ("blocks.0.norm.weight", "blocks.1.norm.bias", "norm.weight"):
         broken = dict(moved)
@@ -93,7 +94,7 @@ def test_stream_permuted_without_layernorm_gain_breaks(make_case):
 
 def test_stream_permuted_without_a_reader_breaks(make_case):
     case = make_case(ResidualMLPConfig(norm=False), torch.float64)
-    moved = case.spec.act(case.params, GroupElement.sample(case.spec, 1, only=["stream"]))
+    moved = act(case.spec, case.params, GroupElement.sample(case.spec, 1, only=["stream"]))
     broken = dict(moved)
     broken["blocks.1.fc1.weight"] = case.params["blocks.1.fc1.weight"]
     testing.assert_not_invariant(case.f, case.params, broken)
@@ -119,7 +120,7 @@ def test_stream_scaling_breaks_layernorm_but_not_a_norm_free_stream(make_case):
     assert set(spec.params) == set(with_ln.params)
     for seed in range(3):
         g = GroupElement.sample(spec, seed, only=["stream.scale"])
-        testing.assert_not_invariant(with_ln.f, with_ln.params, spec.act(with_ln.params, g))
+        testing.assert_not_invariant(with_ln.f, with_ln.params, act(spec, with_ln.params, g))
     # without LayerNorm the stream is linear: a per-unit scaling of it is a symmetry (the catalogue keeps only
     # the permutation, a subgroup)
     no_ln = make_case(ResidualMLPConfig(norm=False), torch.float64)
@@ -129,7 +130,7 @@ def test_stream_scaling_breaks_layernorm_but_not_a_norm_free_stream(make_case):
 
 def test_residual_cnn_stream_norm_stats_left_behind_break(make_case):
     case = make_case(ResidualCNNConfig(), torch.float64)
-    moved = case.spec.act(case.params, GroupElement.sample(case.spec, 0, only=["stream"]))
+    moved = act(case.spec, case.params, GroupElement.sample(case.spec, 0, only=["stream"]))
     assert testing.relative_error(case.f(moved), case.f(case.params)) < 1e-10
     for k in ("stem_norm.running_var", "blocks.0.norm2.running_mean", "blocks.1.norm2.weight"):
         broken = dict(moved)

@@ -23,6 +23,7 @@ from symm import (
     param,
     testing,
 )
+from symm.action import act
 from symm.models import MLPConfig, spec_for
 
 E, I, D, D_IN, N_OUT = 3, 4, 5, 6, 2
@@ -56,12 +57,12 @@ def assert_axioms(spec: Spec, params: dict, n: int = 5, tol: float = 1e-10) -> N
             assert torch.allclose(a[k], b[k], atol=tol, rtol=tol), f"{what}: {k}"
 
     for i in range(n):
-        g, h = spec.sample(2 * i), spec.sample(2 * i + 1)
+        g, h = GroupElement.sample(spec, 2 * i), GroupElement.sample(spec, 2 * i + 1)
         assert g.compose(g.inverse()).is_identity(atol=1e-10) and g.inverse().compose(g).is_identity(atol=1e-10)
-        close(spec.act(params, g.compose(g.inverse())), params, "(g g^-1).theta")
-        close(spec.act(params, g.compose(h)), spec.act(spec.act(params, h), g), "(g h).theta vs g.(h.theta)")
-        close(spec.act(spec.act(params, g), g.inverse()), params, "g^-1.(g.theta)")
-        moved = spec.act(params, g)
+        close(act(spec, params, g.compose(g.inverse())), params, "(g g^-1).theta")
+        close(act(spec, params, g.compose(h)), act(spec, act(spec, params, h), g), "(g h).theta vs g.(h.theta)")
+        close(act(spec, act(spec, params, g), g.inverse()), params, "g^-1.(g.theta)")
+        moved = act(spec, params, g)
         assert all(moved[k] is not params[k] for k in params)
     for k in params:
         assert torch.equal(params[k], snapshot[k]), f"act mutated {k}"
@@ -76,12 +77,12 @@ def relu_spec() -> Spec:
 
 
 def test_identity_and_sample(relu_spec):
-    e = relu_spec.identity()
-    assert e.is_identity() and not relu_spec.sample(0).is_identity()
+    e = GroupElement.identity(relu_spec)
+    assert e.is_identity() and not GroupElement.sample(relu_spec, 0).is_identity()
     assert values_close(e, GroupElement.identity(relu_spec))
-    assert values_close(relu_spec.sample(3), relu_spec.sample(3))  # int seeds are reproducible
-    assert values_close(relu_spec.sample(gen(3)), relu_spec.sample(3))
-    assert not values_close(relu_spec.sample(3), relu_spec.sample(4))
+    assert values_close(GroupElement.sample(relu_spec, 3), GroupElement.sample(relu_spec, 3))  # int seeds are reproducible
+    assert values_close(GroupElement.sample(relu_spec, gen(3)), GroupElement.sample(relu_spec, 3))
+    assert not values_close(GroupElement.sample(relu_spec, 3), GroupElement.sample(relu_spec, 4))
     assert "0 non-identity" in repr(e) and "4 factors" in repr(e)
 
 
@@ -89,19 +90,19 @@ def test_sample_only_keeps_the_rest_at_identity(relu_spec):
     g = GroupElement.sample(relu_spec, 0, only=["layers.1.units.scale"])
     assert not relu_spec.factors["layers.1.units.scale"].is_identity(g.values["layers.1.units.scale"])
     assert all(relu_spec.factors[n].is_identity(v) for n, v in g.values.items() if n != "layers.1.units.scale")
-    assert values_close(relu_spec.sample(0, only=["layers.1.units.scale"]), g)
+    assert values_close(GroupElement.sample(relu_spec, 0, only=["layers.1.units.scale"]), g)
     with pytest.raises(SpecError, match="nope"):
         GroupElement.sample(relu_spec, 0, only=["nope"])
 
 
 def test_restrict_and_replace(relu_spec):
-    g = relu_spec.sample(0)
+    g = GroupElement.sample(relu_spec, 0)
     r = g.restrict(["layers.0.units"])
     assert torch.equal(r.values["layers.0.units"], g.values["layers.0.units"])
     assert r.restrict([]).is_identity()
     new = torch.arange(5).flip(0)
     assert torch.equal(g.replace(**{"layers.0.units": new}).values["layers.0.units"], new)
-    assert torch.equal(g.values["layers.0.units"], relu_spec.sample(0).values["layers.0.units"])  # g unchanged
+    assert torch.equal(g.values["layers.0.units"], GroupElement.sample(relu_spec, 0).values["layers.0.units"])  # g unchanged
 
 
 @pytest.mark.parametrize(
@@ -117,45 +118,45 @@ def test_restrict_and_replace(relu_spec):
 )
 def test_invalid_elements_raise(relu_spec, values, names):
     with pytest.raises(SpecError) as info:
-        GroupElement(relu_spec, values(dict(relu_spec.identity().values)))
+        GroupElement(relu_spec, values(dict(GroupElement.identity(relu_spec).values)))
     for name in names:
         assert name in str(info.value)
 
 
 def test_values_are_read_only_and_specs_must_match(relu_spec):
-    g = relu_spec.sample(0)
+    g = GroupElement.sample(relu_spec, 0)
     with pytest.raises(TypeError):
         g.values["layers.0.units"] = torch.arange(5)
     other = spec_for(MLPConfig((6, 5, 4, 3), "tanh"))
     with pytest.raises(SpecError, match="different specs"):
-        g.compose(other.sample(0))
+        g.compose(GroupElement.sample(other, 0))
     # an equal spec built separately is the same group
     twin = spec_for(MLPConfig((6, 5, 4, 3), "relu"))
-    assert g.compose(twin.sample(1)).spec is relu_spec
+    assert g.compose(GroupElement.sample(twin, 1)).spec is relu_spec
 
 
 def test_element_algebra(relu_spec):
-    g, h, k = relu_spec.sample(0), relu_spec.sample(1), relu_spec.sample(2)
-    e = relu_spec.identity()
+    g, h, k = GroupElement.sample(relu_spec, 0), GroupElement.sample(relu_spec, 1), GroupElement.sample(relu_spec, 2)
+    e = GroupElement.identity(relu_spec)
     assert values_close(g.compose(e), g) and values_close(e.compose(g), g)
     assert values_close(g.inverse().inverse(), g)
     assert values_close(g.compose(h).compose(k), g.compose(h.compose(k)))
     assert values_close(g.compose(h).inverse(), h.inverse().compose(g.inverse()))
     params = random_params(relu_spec)
-    assert all(torch.equal(g.act(params)[k], relu_spec.act(params, g)[k]) for k in params)
+    assert all(torch.equal(g.act(params)[k], act(relu_spec, params, g)[k]) for k in params)
 
 
 def test_child_values_are_reindexed_when_composing(relu_spec):
     """Scaling is indexed by the *unpermuted* units: composing after a permutation moves the scales with it."""
-    p = relu_spec.sample(0, only=["layers.0.units"])
-    s = relu_spec.sample(1, only=["layers.0.units.scale"])
+    p = GroupElement.sample(relu_spec, 0, only=["layers.0.units"])
+    s = GroupElement.sample(relu_spec, 1, only=["layers.0.units.scale"])
     perm, scale = p.values["layers.0.units"], s.values["layers.0.units.scale"]
     assert torch.equal(p.compose(s).values["layers.0.units.scale"], scale)
     assert torch.allclose(s.compose(p).values["layers.0.units.scale"], scale[torch.argsort(perm)])
     params = random_params(relu_spec)
     for a, b in ((p, s), (s, p)):
         for key in params:
-            assert torch.allclose(relu_spec.act(params, a.compose(b))[key], relu_spec.act(relu_spec.act(params, b), a)[key])
+            assert torch.allclose(act(relu_spec, params, a.compose(b))[key], act(relu_spec, act(relu_spec, params, b), a)[key])
 
 
 @settings(deadline=None, max_examples=10, derandomize=True, database=None)
@@ -203,8 +204,8 @@ def test_wreath_spec_validates_and_counts():
     assert spec.factor_order == ("experts", "eh", "eh.s")
     assert spec.depth("eh.s") == 2
     assert spec.dimension == E * I
-    assert spec.sample(0).values["eh"].shape == (E, I)
-    assert spec.sample(0).values["eh.s"].shape == (E, I)
+    assert GroupElement.sample(spec, 0).values["eh"].shape == (E, I)
+    assert GroupElement.sample(spec, 0).values["eh.s"].shape == (E, I)
 
 
 def test_wreath_axioms_and_invariance():
@@ -220,9 +221,9 @@ def test_wreath_axioms_and_invariance():
 def test_wreath_actions_really_move_experts_and_units():
     spec = wreath_spec()
     params = random_params(spec)
-    g = spec.sample(0)
+    g = GroupElement.sample(spec, 0)
     p, q, a = g.values["experts"], g.values["eh"], g.values["eh.s"]
-    moved = spec.act(params, g)
+    moved = act(spec, params, g)
     # expert slot e now holds old expert p[e], whose hidden unit q[p[e], i] sits at i, scaled by a[p[e], that unit]
     for e in range(E):
         old = int(p[e])
@@ -235,19 +236,19 @@ def test_wreath_actions_really_move_experts_and_units():
 def test_wreath_composition_reindexes_per_expert_factors():
     spec = wreath_spec()
     params = random_params(spec)
-    experts_only = spec.sample(0, only=["experts"])
-    scales_only = spec.sample(1, only=["eh.s"])
+    experts_only = GroupElement.sample(spec, 0, only=["experts"])
+    scales_only = GroupElement.sample(spec, 1, only=["eh.s"])
     p = experts_only.values["experts"]
     assert not torch.equal(p, torch.arange(E))
     # experts act after the scales: the scales keep their expert index; before: they follow their expert
     assert torch.equal(experts_only.compose(scales_only).values["eh.s"], scales_only.values["eh.s"])
     assert torch.allclose(scales_only.compose(experts_only).values["eh.s"], scales_only.values["eh.s"][torch.argsort(p)])
     # a naive unit-wise product (no reindexing) is not the composition
-    g, h = spec.sample(2), spec.sample(3)
+    g, h = GroupElement.sample(spec, 2), GroupElement.sample(spec, 3)
     naive = GroupElement(spec, {n: spec.factors[n].compose(g.values[n], h.values[n]) for n in spec.factors})
-    sequential = spec.act(spec.act(params, h), g)
-    assert torch.allclose(spec.act(params, g.compose(h))["w1"], sequential["w1"])
-    assert not torch.allclose(spec.act(params, naive)["w1"], sequential["w1"])
+    sequential = act(spec, act(spec, params, h), g)
+    assert torch.allclose(act(spec, params, g.compose(h))["w1"], sequential["w1"])
+    assert not torch.allclose(act(spec, params, naive)["w1"], sequential["w1"])
 
 
 def test_wreath_negative_control_unbatched_expert_scaling():
@@ -312,16 +313,16 @@ def test_routed_axioms_and_invariance():
 def test_translation_composes_through_the_linear_part():
     """W -> L(W + t): (g h) has translation t_h + L_h^{-1} t_g (here L_h permutes the stream)."""
     spec = routed_spec()
-    g, h = spec.sample(0), spec.sample(1)
+    g, h = GroupElement.sample(spec, 0), GroupElement.sample(spec, 1)
     p_h = h.values["stream"]
     expected = h.values["router.shift"] + g.values["router.shift"][torch.argsort(p_h)]
     assert torch.allclose(g.compose(h).values["router.shift"], expected)
     assert torch.allclose(g.inverse().values["router.shift"], -g.values["router.shift"][g.values["stream"]])
     assert g.compose(g.inverse()).is_identity(atol=1e-12)
     # only the translation: a plain shift of every router row
-    t = spec.sample(2, only=["router.shift"])
+    t = GroupElement.sample(spec, 2, only=["router.shift"])
     params = random_params(spec)
-    moved = spec.act(params, t)
+    moved = act(spec, params, t)
     assert torch.allclose(moved["router"] - params["router"], t.values["router.shift"].expand(E, D))
     assert all(torch.equal(moved[k], params[k]) for k in params if k != "router")
 
@@ -331,8 +332,8 @@ def test_routed_negative_controls():
     params = random_params(spec)
     x = torch.randn(9, D_IN, generator=gen(5), dtype=torch.float64)
     f = lambda p: routed_fn(p, x)  # noqa: E731
-    g = spec.sample(0, only=["experts"])
-    moved = spec.act(params, g)
+    g = GroupElement.sample(spec, 0, only=["experts"])
+    moved = act(spec, params, g)
     left_behind = dict(moved, router=params["router"])  # experts moved, routing did not
     testing.assert_not_invariant(f, params, left_behind)
     shifted_rows = dict(params)
@@ -352,9 +353,9 @@ def test_fused_segments_act_like_separate_parameters():
                                         "down": param((d, n), None, down)}))
     split = Spec(Fragment.of(factors, {"g": param((n, d), gate), "up": param((n, d), up), "down": param((d, n), None, down)}))
     params = random_params(fused)
-    g = fused.sample(0)
-    moved = fused.act(params, g)
-    ref = split.act({"g": params["gu"][:n], "up": params["gu"][n:], "down": params["down"]}, GroupElement(split, g.values))
+    g = GroupElement.sample(fused, 0)
+    moved = act(fused, params, g)
+    ref = act(split, {"g": params["gu"][:n], "up": params["gu"][n:], "down": params["down"]}, GroupElement(split, g.values))
     assert torch.allclose(moved["gu"], torch.cat([ref["g"], ref["up"]]))
     assert torch.allclose(moved["down"], ref["down"])
     assert_axioms(fused, params)
@@ -372,8 +373,8 @@ def test_translation_along_axis_one():
     f = lambda p: torch.softmax((x @ p["emb"].T) @ p["r"], -1) @ p["w"]  # noqa: E731
     assert_axioms(spec, params)
     assert testing.assert_invariant(f, spec, params) < 1e-10
-    t = spec.sample(1, only=["t"])
-    assert torch.allclose(spec.act(params, t)["r"] - params["r"], t.values["t"].unsqueeze(1).expand(D, E))
+    t = GroupElement.sample(spec, 1, only=["t"])
+    assert torch.allclose(act(spec, params, t)["r"] - params["r"], t.values["t"].unsqueeze(1).expand(D, E))
 
 
 def test_per_head_child_under_a_grouped_head_permutation():

@@ -10,8 +10,10 @@ import torch
 from safetensors import safe_open
 
 from hf_models import VOCAB, build, configs, logits_fn, params_of
+from symm.action import act
 from symm.adapters import load_hf, spec_from_hf
 from symm.cli import main
+from symm.element import GroupElement
 from symm.errors import SpecError, UnsupportedArchitecture
 from symm.testing import assert_invariant, assert_not_invariant
 
@@ -80,8 +82,8 @@ def test_mixtral_routing_decision_unchanged():
 
     before = selected(params)
     for seed in range(20):
-        g = spec.sample(seed)
-        after = selected(spec.act(params, g))
+        g = GroupElement.sample(spec, seed)
+        after = selected(act(spec, params, g))
         for layer, (b, a) in enumerate(zip(before, after)):
             perm = g.values[f"model.layers.{layer}.mlp.experts"]
             assert torch.equal(perm[a].sort(-1).values, b)
@@ -113,7 +115,7 @@ def test_save_pretrained_round_trip(name, tmp_path):
     with torch.no_grad():
         reference = model(tokens).logits
     params = params_of(loaded)
-    moved = spec.act(params, spec.sample(0))
+    moved = act(spec, params, GroupElement.sample(spec, 0))
     loaded.load_state_dict(moved)
     dst = tmp_path / "dst"
     loaded.save_pretrained(dst)

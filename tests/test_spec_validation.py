@@ -27,7 +27,10 @@ from symm import (
     merge,
     param,
 )
+from symm.action import act
 from symm.catalogue import mlp as mlp_fragment
+from symm.element import GroupElement
+from symm.graph import describe, to_networkx
 from symm.models import CNNConfig, MLPConfig, ResidualCNNConfig, ResidualMLPConfig, spec_for
 
 H, S = Permutation("h", 3), PositiveScaling("h.s", 3, parent="h")
@@ -255,23 +258,23 @@ def relu_spec_and_params():
 def test_params_not_matching_the_spec(relu_spec_and_params, edit, names):
     spec, params = relu_spec_and_params
     spec.check_params(params)
-    spec.act(params, spec.sample(0))
+    act(spec, params, GroupElement.sample(spec, 0))
     edit(params)
     error = _raises(lambda: spec.check_params(params), *names)
     assert spec.name in str(error)
-    _raises(lambda: spec.act(params, spec.sample(0)), *names)
+    _raises(lambda: act(spec, params, GroupElement.sample(spec, 0)), *names)
 
 
 def test_act_refuses_integer_weights_with_factors(relu_spec_and_params):
     spec, params = relu_spec_and_params
     params["layers.0.weight"] = params["layers.0.weight"].long()
-    _raises(lambda: spec.act(params, spec.sample(0)), "floating-point")
+    _raises(lambda: act(spec, params, GroupElement.sample(spec, 0)), "floating-point")
 
 
 def test_act_refuses_element_of_another_spec(relu_spec_and_params):
     spec, params = relu_spec_and_params
     other = spec_for(MLPConfig((6, 5, 3), "tanh"))
-    _raises(lambda: spec.act(params, other.sample(0)), "different spec")
+    _raises(lambda: act(spec, params, GroupElement.sample(other, 0)), "different spec")
 
 
 # ----- graph, coupled factors, describe -----------------------------------------------------------------------
@@ -279,7 +282,7 @@ def test_act_refuses_element_of_another_spec(relu_spec_and_params):
 
 def test_graph_has_factor_and_param_nodes_and_typed_edges():
     spec = spec_for(MLPConfig((64, 32, 16, 10), "relu"))
-    g = spec.graph()
+    g = to_networkx(spec)
     assert isinstance(g, nx.MultiGraph)
     factor_nodes = {n for kind, n in g.nodes if kind == "factor"}
     param_nodes = {n for kind, n in g.nodes if kind == "param"}
@@ -300,7 +303,7 @@ def test_graph_has_factor_and_param_nodes_and_typed_edges():
 
 def test_graph_marks_shift_edges():
     frag = Fragment.of([Translation("t", 4)], {"w": param((3, 4), shifts=[Shift("t")])})
-    g = Spec(frag).graph()
+    g = to_networkx(Spec(frag))
     ((_, _, data),) = g.edges(data=True)
     assert data["side"] == "shift"
 
@@ -320,7 +323,7 @@ def test_coupled_factors_separates_independent_networks():
     components = coupled_factors(spec)
     assert components == [{"a.0.units", "a.0.units.scale"}, {"b.0.units", "b.0.units.sign", "b.1.units", "b.1.units.sign"}]
     # within the tanh chain, layers 0 and 1 are coupled through b.1.weight; the output biases touch no factor
-    g = spec.graph()
+    g = to_networkx(spec)
     assert set(nx.isolates(g)) == {("param", "a.1.bias"), ("param", "b.2.bias")}
     assert nx.number_connected_components(g) == 2 + 2
 
@@ -332,7 +335,7 @@ def test_coupled_factors_separates_independent_networks():
 )
 def test_describe_mentions_every_factor_and_parameter(config):
     spec = spec_for(config)
-    text = spec.describe()
+    text = describe(spec)
     for name, f in spec.factors.items():
         assert re.search(rf"^\s*{re.escape(name)}: ", text, re.M), f"factor {name} missing from describe()"
         assert f.kind in text
@@ -350,7 +353,7 @@ def test_describe_lists_notes_and_batched_factors():
         {"w1": param((2, 3, 4), On("experts"), On("eu", batch_axis=0)), "w2": param((2, 4, 3), On("experts", "in"), None, On("eu", "in", batch_axis=0))},
         notes=["experts are routed"],
     )
-    text = Spec(frag, name="moe").describe()
+    text = describe(Spec(frag, name="moe"))
     assert "experts are routed" in text
     assert "permutation(2 x 3), indexed by experts" in text
 
@@ -373,3 +376,52 @@ def test_spec_queries():
     assert spec.continuous_factors == ["layers.0.units.scale"]
     assert spec.permutation_factors == ["layers.0.units"]
     assert spec.factors_of_kind(GeneralLinear) == []
+
+
+# ---- Spec is data plus validation: the operations live in action / element / graph ----------------------------
+
+_CORE = ("spec", "action", "element", "graph", "validate")
+
+
+def _symm_imports(module: str, *, runtime_only: bool) -> set[str]:
+    """symm modules imported anywhere in ``symm/<module>.py`` (function bodies included); ``runtime_only`` skips
+    ``if TYPE_CHECKING:`` blocks."""
+    import ast
+    from pathlib import Path
+
+    import symm
+
+    tree = ast.parse((Path(symm.__file__).parent / f"{module}.py").read_text())
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if runtime_only and isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.ImportFrom):
+                if child.module:
+                    names = [f"symm.{child.module}" if child.level else child.module]
+                else:  # from . import x
+                    names = [f"symm.{a.name}" for a in child.names]
+                found.update(n.removeprefix("symm.").split(".")[0] for n in names if n.startswith("symm."))
+            elif isinstance(child, ast.Import):
+                found.update(a.name.split(".")[1] for a in child.names if a.name.startswith("symm."))
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def test_spec_module_imports_no_operations():
+    assert _symm_imports("spec", runtime_only=False).isdisjoint({"action", "element", "graph"})
+    for name in ("act", "identity", "sample", "graph", "describe"):
+        assert not hasattr(Spec, name), name
+
+
+def test_core_modules_have_no_runtime_import_cycle():
+    deps = {m: _symm_imports(m, runtime_only=True) & set(_CORE) for m in _CORE}
+    done: list[str] = []
+    while len(done) < len(_CORE):  # topological peel: a cycle leaves modules that never become ready
+        ready = [m for m in _CORE if m not in done and deps[m] <= set(done)]
+        assert ready, f"import cycle among {sorted(set(_CORE) - set(done))}: {deps}"
+        done += ready

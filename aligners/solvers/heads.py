@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from symm.element import GroupElement
 from symm.factors import GeneralLinear, HeadPermutation, RotationScaling
 from symm.factors.linear import pairs_view
 from symm.views import group_gram, role_blocks
@@ -121,7 +122,7 @@ def head_step(state: MatchState, name: str, within: bool = True) -> bool:
         score = head_scores(factor, role_blocks(spec, state.a, name), role_blocks(spec, state.b, name))
         sigma = grouped_assignment(score, factor.groups, state.backend)
         if not factor.is_identity(sigma):
-            state.apply(spec.identity().replace(**{name: sigma}), [name])
+            state.apply(GroupElement.identity(spec).replace(**{name: sigma}), [name])
             moved = True
     children = [c for c in state.children(name) if state.free(c) and spec.factors[c].kind in WITHIN_HEAD]
     if not within or not children:
@@ -135,6 +136,6 @@ def head_step(state: MatchState, name: str, within: bool = True) -> bool:
         sides = (blocks_a[keys[0]], blocks_b[keys[0]], blocks_a[keys[1]], blocks_b[keys[1]])
         values[child] = WITHIN_HEAD[spec.factors[child].kind](spec.factors[child], *sides)
     if values:
-        state.apply(spec.identity().replace(**values), list(values))
+        state.apply(GroupElement.identity(spec).replace(**values), list(values))
     return moved
 

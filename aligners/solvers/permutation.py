@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from symm.element import GroupElement
 from symm.views import segment_of, unit_matrix
 
 from ..assignment import AssignmentState, linear_assignment, resolve_backend, solve_warm
@@ -150,7 +151,7 @@ def permutation_step(state: MatchState, name: str, assign: Assign = plain_assign
             values[sign] = element
     if not values:
         return False
-    state.apply(spec.identity().replace(**values), [name, *([sign] if sign else [])])
+    state.apply(GroupElement.identity(spec).replace(**values), [name, *([sign] if sign else [])])
     if not inner:
         track_own_move(state, name, sigma, flips)
     return True

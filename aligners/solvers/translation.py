@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from symm.element import GroupElement
+
 from .state import MatchState
 
 
@@ -11,5 +13,5 @@ def translation_step(state: MatchState, name: str) -> bool:
         return False
     ((pname, shift),) = state.spec.shifts_of(name)
     t = (state.a[pname] - state.b[pname]).double().mean(shift.axis).reshape(-1)
-    state.apply(state.spec.identity().replace(**{name: t}), [name])
+    state.apply(GroupElement.identity(state.spec).replace(**{name: t}), [name])
     return False
