@@ -102,6 +102,38 @@ class Factor:
     def is_identity(self, a: torch.Tensor, atol: float = 1e-12) -> bool:
         return bool(torch.allclose(a, self.identity().to(a.dtype), atol=atol, rtol=0))
 
+    # ----- Lie algebra (continuous kinds; discrete kinds have none) ------------------------------
+    @property
+    def n_laws(self) -> int:
+        """Conservation laws of gradient flow this factor implies: one per symmetric generator per unit
+        (quadratic laws), or one per translation direction (linear laws). 0 for discrete kinds."""
+        return 0
+
+    def generators(self) -> torch.Tensor:
+        """A basis of one unit's Lie algebra, ``(k, *unit_shape)`` in the coordinates :meth:`exp` reads."""
+        return torch.zeros((0, *self.unit_shape), dtype=torch.float64)
+
+    def symmetric_generators(self) -> torch.Tensor:
+        """The basis elements whose action on a unit is a symmetric matrix (each gives a quadratic law)."""
+        return self.generators()[:0]
+
+    def exp(self, xi: torch.Tensor) -> torch.Tensor:
+        """Algebra element (shaped like an element) -> group element."""
+        raise TypeError(f"factor {self.name!r} ({self.kind}) is discrete: it has no Lie algebra")
+
+    def algebra_matrix(self, xi: torch.Tensor) -> torch.Tensor:
+        """``(unit_size, unit_size)``: how one unit's algebra element acts on its entries on the ``out`` side
+        (the derivative of the action at the identity; the ``in`` side acts as its negative transpose)."""
+        raise TypeError(f"factor {self.name!r} ({self.kind}) has no linear Lie-algebra action")
+
+    def testing_elements(self) -> list[torch.Tensor]:
+        """A few hand-picked elements, the identity first (near-identity ones for continuous kinds)."""
+        return [self.identity()]
+
+    def per_unit(self, value: torch.Tensor) -> torch.Tensor:
+        """Broadcast one unit's value (``unit_shape``) to a whole element (every unit and batch entry)."""
+        return value.to(torch.float64).expand(*self.batch, self.count, *self.unit_shape).clone()
+
     # ----- action on an axis --------------------------------------------------------------------
     def apply(self, x: torch.Tensor, element: torch.Tensor, side: Side, repeat: int, block: int) -> torch.Tensor:
         """Act on the last axis of ``x``.

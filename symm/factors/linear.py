@@ -61,6 +61,43 @@ class GeneralLinear(Factor):
         u = torch.cat([u[..., :1] * flip.unsqueeze(-1), u[..., 1:]], dim=-1)
         return (u * s.unsqueeze(-2) @ v).reshape(self.element_shape)
 
+    @property
+    def n_laws(self) -> int:
+        return self.n_units * self.dim * (self.dim + 1) // 2
+
+    def generators(self) -> torch.Tensor:
+        """The d^2 matrix units E_ij."""
+        return torch.eye(self.dim * self.dim, dtype=torch.float64).reshape(-1, self.dim, self.dim)
+
+    def symmetric_generators(self) -> torch.Tensor:
+        """(E_ij + E_ji) / 2 for i <= j: d(d+1)/2 of them."""
+        i, j = torch.triu_indices(self.dim, self.dim)
+        out = torch.zeros(len(i), self.dim, self.dim, dtype=torch.float64)
+        out[torch.arange(len(i)), i, j] += 0.5
+        out[torch.arange(len(i)), j, i] += 0.5
+        return out
+
+    def exp(self, xi: torch.Tensor) -> torch.Tensor:
+        """The matrix exponential per unit."""
+        return torch.linalg.matrix_exp(xi.to(torch.float64))
+
+    def algebra_matrix(self, xi: torch.Tensor) -> torch.Tensor:
+        return xi.to(torch.float64)
+
+    def testing_elements(self) -> list[torch.Tensor]:
+        d = self.dim
+        near = self.exp(1e-3 * torch.arange(1, d * d + 1, dtype=torch.float64).reshape(d, d).sin())
+        reflect = torch.eye(d, dtype=torch.float64)
+        reflect[0, 0] = -1.0  # det < 0
+        out = [self.identity(), self.per_unit(near), self.per_unit(torch.diag(torch.linspace(2.0, 0.5, d, dtype=torch.float64))), self.per_unit(reflect)]
+        if d >= 2:
+            c, s = 0.5, 3.0**0.5 / 2  # rotation of the first coordinate plane by 60 degrees
+            rot, shear = torch.eye(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)
+            rot[:2, :2] = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+            shear[0, 1] = 1.0
+            out += [self.per_unit(rot), self.per_unit(shear)]
+        return out
+
     def compose(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b
 
@@ -150,6 +187,41 @@ class RotationScaling(Factor):
         r = torch.exp(self.log_std * torch.randn(shape, generator=generator, dtype=torch.float64))
         theta = (2 * torch.rand(shape, generator=generator, dtype=torch.float64) - 1) * math.pi
         return torch.stack([r * torch.cos(theta), r * torch.sin(theta)], dim=-1)
+
+    @property
+    def n_laws(self) -> int:
+        """Only the scaling generator of each pair is symmetric: d/2 laws per unit."""
+        return self.n_units * (self.dim // 2)
+
+    def generators(self) -> torch.Tensor:
+        """Per pair j, the scaling s_j (unit (1, 0) at pair j) and the rotation theta_j (unit (0, 1)): ``(d, d/2, 2)``.
+
+        Algebra coordinates (s, theta) per pair mean s I + theta J, with exp = e^s (cos theta I + sin theta J).
+        """
+        half = self.dim // 2
+        return torch.eye(self.dim, dtype=torch.float64).reshape(self.dim, half, 2)
+
+    def symmetric_generators(self) -> torch.Tensor:
+        return self.generators()[0::2]
+
+    def exp(self, xi: torch.Tensor) -> torch.Tensor:
+        r, theta = torch.exp(xi[..., 0].to(torch.float64)), xi[..., 1].to(torch.float64)
+        return torch.stack([r * torch.cos(theta), r * torch.sin(theta)], dim=-1)
+
+    def algebra_matrix(self, xi: torch.Tensor) -> torch.Tensor:
+        """``(d, d)``: s I + theta J on each pair, placed by the pair layout (J maps (x0, x1) to (-x1, x0))."""
+        half = self.dim // 2
+        idx = pairs_view(torch.arange(self.dim), self.dim, self.layout)  # (d/2, 2): the two dims of each pair
+        m = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        p, q = idx[:, 0], idx[:, 1]
+        s, theta = xi[..., 0].to(torch.float64).reshape(half), xi[..., 1].to(torch.float64).reshape(half)
+        m[p, p], m[q, q], m[p, q], m[q, p] = s, s, -theta, theta
+        return m
+
+    def testing_elements(self) -> list[torch.Tensor]:
+        half = self.dim // 2
+        pair = lambda s, t: self.per_unit(self.exp(torch.tensor([s, t], dtype=torch.float64).expand(half, 2)))  # noqa: E731
+        return [self.identity(), pair(1e-3, 1e-3), pair(0.0, torch.pi / 2), pair(float(torch.log(torch.tensor(2.0))), 0.0), pair(-0.5, 2.0)]
 
     def compose(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.view_as_real(torch.view_as_complex(a.contiguous()) * torch.view_as_complex(b.contiguous()))

@@ -57,6 +57,25 @@ class Permutation(Factor):
         rows = [torch.randperm(self.count, generator=generator) for _ in range(max(1, self.n_units // self.count))]
         return torch.stack(rows).reshape(self.element_shape)
 
+    def testing_elements(self) -> list[torch.Tensor]:
+        """Identity, a swap, a roll within each block and of whole blocks, the reversal: those this kind allows."""
+        groups = getattr(self, "groups", 1)
+        blocks = torch.arange(self.count).reshape(groups, self.count // groups)
+        swap = torch.arange(self.count)
+        if self.count >= 2:
+            swap[[0, 1]] = swap[[1, 0]]
+        candidates = [swap, blocks.roll(1, dims=1).reshape(-1), blocks.roll(1, dims=0).reshape(-1), torch.arange(self.count).flip(0)]
+        out = [self.identity()]
+        for c in candidates:
+            element = c.expand(*self.batch, self.count).clone()
+            try:
+                self.check_element(element)
+            except ValueError:
+                continue
+            if not any(torch.equal(element, e) for e in out):
+                out.append(element)
+        return out
+
     def compose(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return compose_indices(a, b)
 

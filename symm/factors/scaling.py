@@ -49,6 +49,32 @@ class PositiveScaling(_Diagonal):
         z = torch.randn(self.element_shape, generator=generator, dtype=torch.float64)
         return torch.exp(self.log_std * z)
 
+    @property
+    def n_laws(self) -> int:
+        return self.n_units
+
+    def generators(self) -> torch.Tensor:
+        return torch.ones(1, dtype=torch.float64)
+
+    def symmetric_generators(self) -> torch.Tensor:
+        return self.generators()
+
+    def exp(self, xi: torch.Tensor) -> torch.Tensor:
+        """a = e^t per unit."""
+        return torch.exp(xi.to(torch.float64))
+
+    def algebra_matrix(self, xi: torch.Tensor) -> torch.Tensor:
+        return xi.to(torch.float64).reshape(1, 1)
+
+    def testing_elements(self) -> list[torch.Tensor]:
+        alternating = torch.where(torch.arange(self.count) % 2 == 0, 0.5, 2.0).to(torch.float64)
+        return [
+            self.identity(),
+            self.exp(torch.full(self.element_shape, 1e-3, dtype=torch.float64)),
+            torch.full(self.element_shape, 2.0, dtype=torch.float64),
+            alternating.expand(self.element_shape).clone(),
+        ]
+
     def check_element(self, element: torch.Tensor) -> None:
         super().check_element(element)
         if not bool((element > 0).all()):
@@ -64,6 +90,11 @@ class SignFlip(_Diagonal):
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         bits = torch.randint(0, 2, self.element_shape, generator=generator)
         return (2 * bits - 1).to(torch.float64)
+
+    def testing_elements(self) -> list[torch.Tensor]:
+        first = torch.ones(self.element_shape, dtype=torch.float64)
+        first[..., 0] = -1.0
+        return [self.identity(), -self.identity(), first]
 
     def inverse(self, a: torch.Tensor) -> torch.Tensor:
         return a.clone()

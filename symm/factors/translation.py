@@ -38,6 +38,21 @@ class Translation(Factor):
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         return self.std * torch.randn(self.count, generator=generator, dtype=torch.float64)
 
+    @property
+    def n_laws(self) -> int:
+        """Linear laws: the sum over the shifted rows, one per row entry."""
+        return self.count
+
+    def generators(self) -> torch.Tensor:
+        return torch.ones(1, dtype=torch.float64)
+
+    def exp(self, xi: torch.Tensor) -> torch.Tensor:
+        """(R^n, +) is its own Lie algebra."""
+        return xi.to(torch.float64).clone()
+
+    def testing_elements(self) -> list[torch.Tensor]:
+        return [self.identity(), torch.full((self.count,), 1e-3, dtype=torch.float64), torch.linspace(-1.0, 1.0, self.count, dtype=torch.float64)]
+
     def compose(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b
 
