@@ -73,25 +73,41 @@ def _cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_describe(args: argparse.Namespace) -> int:
+def _spec_of_target(args: argparse.Namespace):
+    """The Spec of ``args.target``: an HF folder or config.json, a bare state dict, or a reference model name."""
     from .adapters import infer_spec, spec_from_hf
-    from .graph import describe_blocks
     from .io import load_state_dict
+    from .models import spec_for
+    from .models.named import NAMED_CONFIGS, named_config
 
     target = Path(args.target)
     if not target.exists():
+        if args.target in NAMED_CONFIGS or not any(c in args.target for c in "/\\."):
+            return spec_for(named_config(args.target))
         raise SymmError(f"{target}: no such file or folder")
     if target.is_dir():
-        spec = _describe_folder(target)
-    elif target.suffix == ".json":
-        spec = spec_from_hf(_config_from_json(target))
-    else:
-        inferred = infer_spec(load_state_dict(target), activation=None if args.activation == "any" else args.activation)
-        print(inferred.explanation)
-        spec = inferred.spec
+        return _describe_folder(target)
+    if target.suffix == ".json":
+        return spec_from_hf(_config_from_json(target))
+    inferred = infer_spec(load_state_dict(target), activation=None if args.activation == "any" else args.activation)
+    print(inferred.explanation)
+    return inferred.spec
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    from .graph import describe_blocks
+
+    spec = _spec_of_target(args)
     print(describe_blocks(spec))
     if args.verbose:
         print(describe(spec))
+    return 0
+
+
+def _cmd_laws(args: argparse.Namespace) -> int:
+    from .laws import describe_laws
+
+    print(describe_laws(_spec_of_target(args)))
     return 0
 
 
@@ -182,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--activation", choices=ACTIVATIONS, help="activation of a bare dense chain (relu adds scaling; default: unknown, permutations only)"
     )
     describe.set_defaults(func=_cmd_describe)
+
+    laws = sub.add_parser("laws", help="list the conservation laws of gradient flow that a model's symmetries imply")
+    laws.add_argument("target", help="a Hugging Face folder or config.json, a state dict, or a reference model name (e.g. mlp-relu, attention-rope, moe-softmax)")
+    laws.add_argument("--activation", choices=ACTIVATIONS, help="activation of a bare dense chain (default: unknown, permutations only: no laws)")
+    laws.set_defaults(func=_cmd_laws)
     return parser
 
 
