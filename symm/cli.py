@@ -105,9 +105,27 @@ def _cmd_describe(args: argparse.Namespace) -> int:
 
 
 def _cmd_laws(args: argparse.Namespace) -> int:
+    if args.target == "verify":
+        return _cmd_laws_verify(args)
     from .laws import describe_laws
 
     print(describe_laws(_spec_of_target(args)))
+    return 0
+
+
+def _cmd_laws_verify(args: argparse.Namespace) -> int:
+    from .laws_verify import verify
+
+    report = verify(
+        args.out, model_name=args.model, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+        steps=args.steps, every=args.every, seed=args.seed, progress=not args.quiet,
+    )
+    print(f"{report['model']} ({report['spec']}), {report['optimizer']} lr={report['lr']} weight decay={report['weight_decay']}, "
+          f"{report['steps']} steps, {report['n_laws']} laws")
+    for fam in report["families"]:
+        print(f"  {fam['factor']}: {fam['laws']} {fam['kind']} laws, max |drift| {fam['max_relative_drift']:.2e}, "
+              f"max |residual| {fam['max_residual']:.2e}, Noether {fam['noether']:.1e}: {fam['verdict']}")
+    print(f"wrote {Path(args.out) / 'report.json'}, {Path(args.out) / 'laws.png'}")
     return 0
 
 
@@ -200,8 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     describe.set_defaults(func=_cmd_describe)
 
     laws = sub.add_parser("laws", help="list the conservation laws of gradient flow that a model's symmetries imply")
-    laws.add_argument("target", help="a Hugging Face folder or config.json, a state dict, or a reference model name (e.g. mlp-relu, attention-rope, moe-softmax)")
+    laws.add_argument("target", help="`verify` (train and check, options below), or a Hugging Face folder or config.json, a state dict, or a reference model name (e.g. mlp-relu, attention-rope, moe-softmax) to list its laws")
     laws.add_argument("--activation", choices=ACTIVATIONS, help="activation of a bare dense chain (default: unknown, permutations only: no laws)")
+    verify = laws.add_argument_group("symm laws verify: train a reference model and check every law against its exact SGD step")
+    verify.add_argument("--model", default="mlp-relu", help="reference model name (default mlp-relu; see `symm laws NAME`)")
+    verify.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adamw"], default="sgd")
+    verify.add_argument("--lr", type=float, help="learning rate (default: 0.1 sgd, 0.05 momentum, 1e-3 adam/adamw)")
+    verify.add_argument("--weight-decay", type=float, default=0.0)
+    verify.add_argument("--steps", type=int, default=100)
+    verify.add_argument("--every", type=int, default=1, help="track every N-th step")
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--out", default="laws_out", help="output folder (default laws_out)")
+    verify.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     laws.set_defaults(func=_cmd_laws)
     return parser
 

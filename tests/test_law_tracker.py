@@ -95,3 +95,43 @@ def test_a_broken_model_symmetry_is_reported_as_such():
     assert min(r.noether for r in tracker.records) > 1e-4
     assert float(tracker.residuals().abs().max()) > 1e-6
     assert all(f["verdict"] == "broken by the model" for f in tracker.report().families)
+
+
+@pytest.mark.parametrize(
+    "model, optimizer, wd, verdicts",
+    [
+        ("mlp-relu", "sgd", "0", {"drift explained by discrete steps"}),
+        ("swiglu", "sgd", "0.01", {"broken by weight decay (exactly as predicted)"}),
+        ("moe-softmax", "sgd", "0", {"drift explained by discrete steps", "conserved"}),
+        ("mlp-relu", "adam", "0", {"broken by the optimizer"}),
+    ],
+)
+def test_cli_laws_verify_writes_a_report_and_a_plot(tmp_path, capsys, model, optimizer, wd, verdicts):
+    import json
+
+    from symm.cli import main
+
+    out = tmp_path / "laws"
+    assert main(["laws", "verify", "--model", model, "--optimizer", optimizer, "--weight-decay", wd, "--steps", "8", "--out", str(out), "-q"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "laws.png").stat().st_size > 1000
+    assert report["n_laws"] == sum(f["laws"] for f in report["families"]) > 0
+    assert {f["verdict"] for f in report["families"]} <= verdicts
+    for fam in report["families"]:
+        per_law = report["laws"][fam["factor"]]
+        assert len(per_law["drift"]) == len(per_law["predicted"]) == len(per_law["residual"]) == fam["laws"]
+        assert fam["noether"] <= 1e-10
+        if optimizer == "sgd":
+            assert fam["max_residual"] <= 1e-9
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_laws_verify_refuses_bad_input(tmp_path, capsys):
+    from symm.cli import main
+
+    file = tmp_path / "f"
+    file.write_text("x")
+    assert main(["laws", "verify", "--out", str(file), "--steps", "2", "-q"]) == 2
+    assert main(["laws", "verify", "--model", "nope", "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert main(["laws", "verify", "--steps", "0", "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert not (tmp_path / "o").exists() and file.read_text() == "x"
