@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .laws import law_families, law_vector, unit_grams
+from .laws import family_grams, law_families, law_terms, law_vector, law_vector_from
 from .spec import Spec
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class StepRecord:
     drift: torch.Tensor  # h(theta') - h(theta), per law
     predicted: torch.Tensor  # predicted drift, per law
     scale: torch.Tensor  # squared norm of what each law touches
-    noether: float  # |<grad(c.h), g>| / (||grad(c.h)|| ||g||) for a random combination c
+    noether: float  # worst over laws of |<grad h, g>| / (||grad h|| ||g||) on the step's minibatch gradient
 
 
 @dataclass
@@ -37,20 +37,6 @@ class LawReport:
     """Per law family: initial values, accumulated drift and prediction, worst relative residual, verdict."""
 
     families: list[dict] = field(default_factory=list)
-
-
-def _scales(spec: Spec, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per law, the squared norm of the entries it touches (its unit's Gram traces; a translation's parameter)."""
-    parts = []
-    for fam in law_families(spec):
-        if fam.linear:
-            ((pname, _),) = spec.shifts_of(fam.factor)
-            parts.append(torch.full((fam.count,), float(params[pname].double().pow(2).sum())))
-            continue
-        g_out, g_in = unit_grams(spec, params, fam.factor)
-        trace = (g_out.diagonal(dim1=-2, dim2=-1).sum(-1) + g_in.diagonal(dim1=-2, dim2=-1).sum(-1)).clamp_min(1e-300)
-        parts.append(trace.unsqueeze(-1).expand(fam.shape).reshape(-1))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def _linear_mask(spec: Spec) -> torch.Tensor:
@@ -65,16 +51,17 @@ class LawTracker:
     the residual measures how far they are from it).
     """
 
-    def __init__(self, model: torch.nn.Module, spec: Spec, optimizer: torch.optim.Optimizer, every: int = 1, seed: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, spec: Spec, optimizer: torch.optim.Optimizer, every: int = 1) -> None:
         self.model, self.spec, self.optimizer, self.every = model, spec, optimizer, max(1, int(every))
         self.records: list[StepRecord] = []
-        self.initial = law_vector(spec, self._params())
         self.linear = _linear_mask(spec)
         self._step = 0
         self._before: tuple | None = None
-        gen = torch.Generator().manual_seed(seed)
-        self._combo = torch.randn(len(self.initial), generator=gen, dtype=torch.float64)
         self._names = {id(p): n for n, p in model.named_parameters()}
+        fams = law_families(spec)
+        self._touched = {p for fam in fams for p, *_ in spec.uses(fam.factor)} | {p for fam in fams for p, _ in spec.shifts_of(fam.factor)}
+        self._cached: tuple | None = None  # (parameter versions, grams) of the weights after the last tracked step
+        self.initial = law_vector(spec, self._params())
         self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
 
     def close(self) -> None:
@@ -82,7 +69,13 @@ class LawTracker:
             h.remove()
 
     def _params(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to(torch.float64) for k, v in self.model.state_dict().items()}
+        """The weights the laws touch, in float64."""
+        state = self.model.state_dict(keep_vars=True)
+        return {k: state[k].detach().to(torch.float64) for k in self._touched}
+
+    def _versions(self) -> tuple[int, ...]:
+        state = self.model.state_dict(keep_vars=True)
+        return tuple(state[k]._version for k in sorted(self._touched))
 
     def _lr_wd(self) -> tuple[float, float]:
         groups = self.optimizer.param_groups
@@ -97,30 +90,31 @@ class LawTracker:
             self._before = None
             return
         params = self._params()
-        grads = {self._names[id(p)]: p.grad.detach().to(torch.float64) for g in optimizer.param_groups for p in g["params"] if p.grad is not None}
-        as_params = {**{k: torch.zeros_like(v) for k, v in params.items()}, **grads}
-        self._before = (law_vector(self.spec, params), law_vector(self.spec, as_params), _scales(self.spec, params), self._noether(params, grads))
+        grads = {
+            self._names[id(p)]: p.grad.detach().to(torch.float64)
+            for g in optimizer.param_groups
+            for p in g["params"]
+            if p.grad is not None and self._names.get(id(p)) in self._touched
+        }
+        grams = self._cached[1] if self._cached is not None and self._cached[0] == self._versions() else None
+        terms = law_terms(self.spec, params, grads, grams)
+        g_norm = sum(float(g.pow(2).sum()) for g in grads.values()) ** 0.5
+        noether = (terms.cross.abs() / (terms.grad_norm2.sqrt() * g_norm).clamp_min(1e-300)).max() if len(terms.cross) else torch.zeros(())
+        self._before = (terms.value, terms.of_grad, terms.scale, float(noether))
 
     def _post(self, optimizer, args, kwargs) -> None:
         if self._before is None:
             return
         h0, h_g, scale, noether = self._before
-        h1 = law_vector(self.spec, self._params())
+        params = self._params()
+        grams = family_grams(self.spec, params)
+        h1 = law_vector_from(self.spec, params, grams)
+        self._cached = (self._versions(), grams)
         lr, wd = self._lr_wd()
         decay = 1.0 - lr * wd
         predicted = torch.where(self.linear, (decay - 1.0) * h0, (decay**2 - 1.0) * h0 + lr**2 * h_g)
         self.records.append(StepRecord(self._step, h1 - h0, predicted, scale, noether))
         self._before = None
-
-    def _noether(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> float:
-        leaves = {k: v.clone().requires_grad_(k in grads) for k, v in params.items()}
-        value = (law_vector(self.spec, leaves) * self._combo).sum()
-        names = [k for k in grads]
-        gh = torch.autograd.grad(value, [leaves[k] for k in names], allow_unused=True)
-        dot = sum(float((a * grads[k]).sum()) for a, k in zip(gh, names) if a is not None)
-        n_h = sum(float(a.pow(2).sum()) for a in gh if a is not None) ** 0.5
-        n_g = sum(float(g.pow(2).sum()) for g in grads.values()) ** 0.5
-        return abs(dot) / max(n_h * n_g, 1e-300)
 
     # ----- results -----------------------------------------------------------------------------
     def residuals(self) -> torch.Tensor:

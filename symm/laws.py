@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
+from .factors import Factor
 from .spec import Spec
 from .views import segment_of, unit_blocks
 
@@ -42,6 +44,11 @@ class LawFamily:
 
 def law_families(spec: Spec) -> list[LawFamily]:
     """One family per factor with laws, in factor order (factors with ``n_laws == 0`` are left out)."""
+    return list(_families(spec))
+
+
+@lru_cache(maxsize=64)
+def _families(spec: Spec) -> tuple[LawFamily, ...]:
     out = []
     for name in spec.factor_order:
         f = spec.factors[name]
@@ -51,7 +58,7 @@ def law_families(spec: Spec) -> list[LawFamily]:
             out.append(LawFamily(name, f.kind, True, (f.count,)))
         else:
             out.append(LawFamily(name, f.kind, False, (*f.batch, f.count, len(f.symmetric_generators()))))
-    return out
+    return tuple(out)
 
 
 def count_laws(spec: Spec) -> int:
@@ -59,47 +66,134 @@ def count_laws(spec: Spec) -> int:
     return sum(fam.count for fam in law_families(spec))
 
 
-def unit_grams(spec: Spec, params: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(G_out, G_in)``, each ``(*batch, count, u, u)`` (u = unit size): per unit, the Gram matrix of its entries
-    summed over every use on that side (shared repeats and blocks included), in float64."""
+def unit_cross_grams(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(C_out, C_in)``, each ``(*batch, count, u, u)`` (u = unit size): per unit, sum over every use on that side of
+    X_a X_b^T over the unit's entries (shared repeats and blocks included), in float64. ``a is b`` gives Grams."""
     f = spec.factors[name]
     u = f.unit_size
-    g_out = torch.zeros(*f.batch, f.count, u, u, dtype=torch.float64)
-    g_in = torch.zeros_like(g_out)
-    for pname, axis, offset, on in spec.uses(name):
-        size = segment_of(spec, pname, axis, offset).size
+    c_out = torch.zeros(*f.batch, f.count, u, u, dtype=torch.float64)
+    c_in = torch.zeros_like(c_out)
+
+    def rows(params, pname, axis, offset, size, on):
         blocks = unit_blocks(spec, params[pname].to(torch.float64), axis, offset, size, on)  # (*b, units, per, rest)
         lead = blocks.shape[:-2]
-        v = blocks.reshape(*lead, on.repeat, u, on.block, blocks.shape[-1]).movedim(-3, -1)  # (*b, units, r, rest, block, u)
-        v = v.reshape(*lead, -1, u)
-        gram = v.transpose(-1, -2) @ v
+        v = blocks.reshape(*lead, on.repeat, u, on.block, blocks.shape[-1]).movedim(-3, -1)  # (*b, units, r, block, rest, u)
+        return v.reshape(*lead, -1, u)
+
+    for pname, axis, offset, on in spec.uses(name):
+        size = segment_of(spec, pname, axis, offset).size
+        va = rows(a, pname, axis, offset, size, on)
+        vb = va if b is a else rows(b, pname, axis, offset, size, on)
+        cross = va.transpose(-1, -2) @ vb
         if on.side == "out":
-            g_out = g_out + gram
+            c_out = c_out + cross
         else:
-            g_in = g_in + gram
-    return g_out, g_in
+            c_in = c_in + cross
+    return c_out, c_in
+
+
+def unit_grams(spec: Spec, params: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G_out, G_in)``: per unit, the Gram matrix of its entries summed over every use on that side."""
+    return unit_cross_grams(spec, params, params, name)
+
+
+def _generator_matrices(spec: Spec, name: str) -> torch.Tensor:
+    return _symmetric_matrices(spec.factors[name])
+
+
+@lru_cache(maxsize=1024)
+def _symmetric_matrices(f: Factor) -> torch.Tensor:
+    """``(k, u, u)``: the symmetric generators of a factor as matrices on one unit (cached: factors are immutable)."""
+    return torch.stack([f.algebra_matrix(xi) for xi in f.symmetric_generators()])
+
+
+@dataclass(frozen=True)
+class LawTerms:
+    """Per law (flattened in :func:`law_families` order), everything a step check needs, from Grams only.
+
+    ``value`` h(theta), ``of_grad`` h(g), ``cross`` <grad h(theta), g>, ``grad_norm2`` ||grad h(theta)||^2,
+    ``scale`` the squared norm of what the law touches.
+    """
+
+    value: torch.Tensor
+    of_grad: torch.Tensor
+    cross: torch.Tensor
+    grad_norm2: torch.Tensor
+    scale: torch.Tensor
+
+
+Grams = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def family_grams(spec: Spec, params: Mapping[str, torch.Tensor]) -> Grams:
+    """``(G_out, G_in)`` of every quadratic law family (the only thing its values depend on)."""
+    return {fam.factor: unit_grams(spec, params, fam.factor) for fam in law_families(spec) if not fam.linear}
+
+
+def law_vector_from(spec: Spec, params: Mapping[str, torch.Tensor], grams: Grams) -> torch.Tensor:
+    """:func:`law_vector` from precomputed :func:`family_grams` (linear laws read ``params``)."""
+    parts = []
+    for fam in law_families(spec):
+        if fam.linear:
+            ((pname, shift),) = spec.shifts_of(fam.factor)
+            parts.append(params[pname].to(torch.float64).sum(shift.axis).reshape(-1))
+        else:
+            g_out, g_in = grams[fam.factor]
+            parts.append(0.5 * torch.einsum("...ab,kab->...k", g_out - g_in, _generator_matrices(spec, fam.factor)).reshape(-1))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def law_terms(spec: Spec, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], grams: Grams | None = None) -> LawTerms:
+    """:class:`LawTerms` at ``params`` for the gradient ``grads`` (missing keys count as zero gradient).
+
+    Quadratic law with symmetric generator A: h = 1/2 <G_out - G_in, A>, <grad h, g> = <C_out - C_in, A> with C
+    the cross Gram of theta and g, ||grad h||^2 = <G_out + G_in, A^2>. Linear law: h = sum of the shifted rows.
+    """
+    g = {k: (grads[k] if k in grads else torch.zeros_like(v)) for k, v in params.items()}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("value", "of_grad", "cross", "grad_norm2", "scale")}
+    grams = grams if grams is not None else {}
+    for fam in law_families(spec):
+        if fam.linear:
+            ((pname, shift),) = spec.shifts_of(fam.factor)
+            theta, grad = params[pname].to(torch.float64), g[pname].to(torch.float64)
+            rows = theta.shape[shift.axis]
+            parts["value"].append(theta.sum(shift.axis).reshape(-1))
+            parts["of_grad"].append(grad.sum(shift.axis).reshape(-1))
+            parts["cross"].append(grad.sum(shift.axis).reshape(-1))
+            parts["grad_norm2"].append(torch.full((fam.count,), float(rows), dtype=torch.float64))
+            parts["scale"].append(torch.full((fam.count,), float(theta.pow(2).sum()), dtype=torch.float64))
+            continue
+        mats = _generator_matrices(spec, fam.factor)
+        g_out, g_in = grams[fam.factor] if fam.factor in grams else unit_grams(spec, params, fam.factor)
+        q_out, q_in = unit_grams(spec, g, fam.factor)
+        c_out, c_in = unit_cross_grams(spec, params, g, fam.factor)
+        pair = lambda m: torch.einsum("...ab,kab->...k", m, mats).reshape(-1)  # noqa: E731
+        parts["value"].append(0.5 * pair(g_out - g_in))
+        parts["of_grad"].append(0.5 * pair(q_out - q_in))
+        parts["cross"].append(pair(c_out - c_in))
+        parts["grad_norm2"].append(torch.einsum("...ab,kab->...k", g_out + g_in, mats @ mats).reshape(-1))
+        trace = (g_out + g_in).diagonal(dim1=-2, dim2=-1).sum(-1)
+        parts["scale"].append(trace.unsqueeze(-1).expand(fam.shape).reshape(-1))
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.float64)  # noqa: E731
+    return LawTerms(**{k: cat(v) for k, v in parts.items()})
 
 
 def law_values(spec: Spec, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every law's value, per factor: quadratic families ``(*batch, units, generators)``, linear ``(row entries,)``."""
     out = {}
     for fam in law_families(spec):
-        f = spec.factors[fam.factor]
         if fam.linear:
             ((pname, shift),) = spec.shifts_of(fam.factor)
             out[fam.factor] = params[pname].to(torch.float64).sum(shift.axis).reshape(-1)
             continue
         g_out, g_in = unit_grams(spec, params, fam.factor)
-        mats = torch.stack([f.algebra_matrix(xi) for xi in f.symmetric_generators()])  # (k, u, u)
-        out[fam.factor] = 0.5 * torch.einsum("...ab,kab->...k", g_out - g_in, mats)
+        out[fam.factor] = 0.5 * torch.einsum("...ab,kab->...k", g_out - g_in, _generator_matrices(spec, fam.factor))
     return out
 
 
 def law_vector(spec: Spec, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """All law values flattened in :func:`law_families` order."""
-    values = law_values(spec, params)
-    parts = [values[fam.factor].reshape(-1) for fam in law_families(spec)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return law_vector_from(spec, params, family_grams(spec, params))
 
 
 #: what one law of each kind measures, per unit of its factor

@@ -67,7 +67,7 @@ def run_verify(model_name: str = "mlp-relu", optimizer: str = "sgd", lr: float |
     model = build_model(config).double().train()
     spec = spec_for(model)
     opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay)
-    tracker = LawTracker(model, spec, opt, every=every, seed=seed)
+    tracker = LawTracker(model, spec, opt, every=every)
     bar = tqdm(_batches(config, steps, seed), total=steps, desc=f"laws: {model_name} / {optimizer}", unit="step", disable=not progress, leave=False)
     for inputs, loss_fn in bar:
         loss = loss_fn(model(inputs))

@@ -159,6 +159,12 @@ class Spec:
         self.notes: tuple[str, ...] = tuple(fragment.notes)
         validate_spec(self)
         self._order = self._topological_order()
+        uses: dict[str, list[tuple[str, int, int, On]]] = {name: [] for name in self.factors}
+        for p, ps in self.params.items():
+            for axis, offset, seg in ps.segments():
+                for on in seg.acts:
+                    uses.setdefault(on.factor, []).append((p, axis, offset, on))
+        self._uses = {name: tuple(u) for name, u in uses.items()}
 
     # ----- structure -------------------------------------------------------------------------------
     def _topological_order(self) -> tuple[str, ...]:
@@ -188,14 +194,8 @@ class Spec:
         return 0 if parent is None else 1 + self.depth(parent)
 
     def uses(self, factor: str) -> list[tuple[str, int, int, On]]:
-        """Every place ``factor`` acts: ``(param, axis, offset, On)``."""
-        return [
-            (p, axis, offset, on)
-            for p, ps in self.params.items()
-            for axis, offset, seg in ps.segments()
-            for on in seg.acts
-            if on.factor == factor
-        ]
+        """Every place ``factor`` acts: ``(param, axis, offset, On)`` (indexed once, at construction)."""
+        return list(self._uses.get(factor, ()))
 
     def shifts_of(self, factor: str) -> list[tuple[str, Shift]]:
         return [(p, s) for p, ps in self.params.items() for s in ps.shifts if s.factor == factor]
