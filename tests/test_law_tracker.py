@@ -135,3 +135,29 @@ def test_cli_laws_verify_refuses_bad_input(tmp_path, capsys):
     assert main(["laws", "verify", "--model", "nope", "--out", str(tmp_path / "o"), "-q"]) == 2
     assert main(["laws", "verify", "--steps", "0", "--out", str(tmp_path / "o"), "-q"]) == 2
     assert not (tmp_path / "o").exists() and file.read_text() == "x"
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "gpt2", "mixtral"])
+def test_tracker_on_transformers_models_under_sgd(name):
+    """The transformers model itself, trained with plain SGD: residual at round-off (float64 where its code allows;
+    Mixtral's grouped expert matmul refuses float64, so float32 there, where one step's update itself rounds)."""
+    from hf_models import VOCAB, build
+    from symm.adapters import spec_from_hf
+
+    dtype = torch.float32 if name == "mixtral" else torch.float64
+    model = build(name).to(dtype).train()
+    spec = spec_from_hf(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, weight_decay=0.01)
+    tracker = LawTracker(model, spec, opt)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        tokens = torch.randint(0, VOCAB, (2, 12), generator=gen)
+        out = model(tokens, labels=tokens)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    tracker.close()
+    tol = 1e-9 if dtype == torch.float64 else 1e-6
+    assert float(tracker.residuals().abs().max()) <= tol
+    assert float(tracker.relative_drifts().abs().max()) > 1e3 * float(tracker.residuals().abs().max())
+    assert max(r.noether for r in tracker.records) <= (1e-10 if dtype == torch.float64 else 1e-5)
