@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     laws.add_argument("target", help="`verify` (train and check, options below), or a Hugging Face folder or config.json, a state dict, or a reference model name (e.g. mlp-relu, attention-rope, moe-softmax) to list its laws")
     laws.add_argument("--activation", choices=ACTIVATIONS, help="activation of a bare dense chain (default: unknown, permutations only: no laws)")
     verify = laws.add_argument_group("symm laws verify: train a reference model and check every law against its exact SGD step")
-    verify.add_argument("--model", default="mlp-relu", help="reference model name (default mlp-relu; see `symm laws NAME`)")
+    verify.add_argument("--model", default="mlp-relu", help="reference model name (default mlp-relu; see `symm laws NAME`) or hf:FOLDER")
     verify.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adamw"], default="sgd")
     verify.add_argument("--lr", type=float, help="learning rate (default: 0.1 sgd, 0.05 momentum, 1e-3 adam/adamw)")
     verify.add_argument("--weight-decay", type=float, default=0.0)

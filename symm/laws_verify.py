@@ -40,11 +40,41 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
     raise UsageError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
-def _batches(config, steps: int, seed: int):
-    """``steps`` minibatches ``(inputs, loss_fn)`` of the model's embedded data."""
+def load_model(model_name: str) -> tuple[nn.Module, "Spec", int | None, str]:  # noqa: F821
+    """``(model, spec, vocab or None, dtype name)``: a named reference model, or ``hf:FOLDER`` (a save_pretrained
+    causal LM). float64 unless the model's own code refuses it (then float32, and the report says so)."""
+    if model_name.startswith("hf:"):
+        from .adapters import is_hf_folder, load_hf, spec_from_hf
+
+        folder = Path(model_name[3:])
+        if not is_hf_folder(folder):
+            raise UsageError(f"{folder}: not a Hugging Face model folder (no config.json)")
+        model = load_hf(folder)
+        spec = spec_from_hf(model)
+        vocab = min(int(model.config.vocab_size), 256)
+        try:
+            model = model.double()
+            with torch.no_grad():
+                model(torch.zeros(1, 4, dtype=torch.long))
+            return model.train(), spec, vocab, "float64"
+        except (RuntimeError, TypeError) as exc:
+            log.warning("%s does not run in float64 (%s): tracking in float32", folder, str(exc)[:80])
+            return model.float().train(), spec, vocab, "float32"
+    config = named_config(model_name)
+    model = build_model(config).double().train()
+    return model, spec_for(model), (config.vocab_size if isinstance(config, TransformerConfig) else None), "float64"
+
+
+def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    out = model(inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _batches(vocab: int | None, steps: int, seed: int):
+    """``steps`` minibatches ``(inputs, loss_fn)`` of the model's embedded data (bytes for LMs, digits otherwise)."""
     gen = torch.Generator().manual_seed(seed)
-    if isinstance(config, TransformerConfig):
-        windows = byte_tokens(vocab_size=config.vocab_size, seq_len=32, n_train=512, n_test=8).train
+    if vocab is not None:
+        windows = byte_tokens(vocab_size=vocab, seq_len=32, n_train=512, n_test=8).train
         for _ in range(steps):
             w = windows[torch.randint(0, len(windows), (16,), generator=gen)]
             yield w[:, :-1], lambda logits, w=w: nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
@@ -61,16 +91,14 @@ def run_verify(model_name: str = "mlp-relu", optimizer: str = "sgd", lr: float |
     """Train and track; returns the report dict and the tracker (for plotting)."""
     if steps < 1 or every < 1:
         raise UsageError("--steps and --every must be >= 1")
-    config = named_config(model_name)
     lr = OPTIMIZERS.get(optimizer, 0.0) if lr is None else lr
     torch.manual_seed(seed)
-    model = build_model(config).double().train()
-    spec = spec_for(model)
+    model, spec, vocab, dtype = load_model(model_name)
     opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay)
     tracker = LawTracker(model, spec, opt, every=every)
-    bar = tqdm(_batches(config, steps, seed), total=steps, desc=f"laws: {model_name} / {optimizer}", unit="step", disable=not progress, leave=False)
+    bar = tqdm(_batches(vocab, steps, seed), total=steps, desc=f"laws: {model_name} / {optimizer}", unit="step", disable=not progress, leave=False)
     for inputs, loss_fn in bar:
-        loss = loss_fn(model(inputs))
+        loss = loss_fn(_logits(model, inputs))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -86,7 +114,7 @@ def run_verify(model_name: str = "mlp-relu", optimizer: str = "sgd", lr: float |
         "weight_decay": weight_decay,
         "steps": steps,
         "every": every,
-        "dtype": "float64",
+        "dtype": dtype,
         "n_laws": int(sum(f["laws"] for f in families)),
         "families": families,
         "laws": laws,

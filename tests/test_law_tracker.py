@@ -161,3 +161,21 @@ def test_tracker_on_transformers_models_under_sgd(name):
     assert float(tracker.residuals().abs().max()) <= tol
     assert float(tracker.relative_drifts().abs().max()) > 1e3 * float(tracker.residuals().abs().max())
     assert max(r.noether for r in tracker.records) <= (1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "mixtral"])
+def test_cli_laws_verify_on_a_hugging_face_folder(tmp_path, name):
+    import json
+
+    from hf_models import build
+    from symm.cli import main
+
+    folder = tmp_path / name
+    build(name).save_pretrained(folder)
+    out = tmp_path / "laws"
+    assert main(["laws", "verify", "--model", f"hf:{folder}", "--steps", "3", "--lr", "0.2", "--out", str(out), "-q"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["dtype"] == ("float32" if name == "mixtral" else "float64")
+    assert report["n_laws"] > 0
+    worst = max(f["max_residual"] for f in report["families"])
+    assert worst <= (1e-6 if name == "mixtral" else 1e-9)
