@@ -118,13 +118,16 @@ def _cmd_laws_verify(args: argparse.Namespace) -> int:
 
     report = verify(
         args.out, model_name=args.model, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-        steps=args.steps, every=args.every, seed=args.seed, progress=not args.quiet,
+        steps=args.steps, every=args.every, seed=args.seed, progress=not args.quiet, controls=args.controls,
     )
     print(f"{report['model']} ({report['spec']}), {report['optimizer']} lr={report['lr']} weight decay={report['weight_decay']}, "
           f"{report['steps']} steps, {report['n_laws']} laws")
     for fam in report["families"]:
         print(f"  {fam['factor']}: {fam['laws']} {fam['kind']} laws, max |drift| {fam['max_relative_drift']:.2e}, "
               f"max |residual| {fam['max_residual']:.2e}, Noether {fam['noether']:.1e}: {fam['verdict']}")
+    for c in report.get("controls", []):
+        print(f"  control {c['control']} ({c['count']}): max |drift| {c['max_relative_drift']:.2e}, max |residual| {c['max_residual']:.2e}, "
+              f"Noether {c['noether']:.1e}: {c['verdict']}")
     print(f"wrote {Path(args.out) / 'report.json'}, {Path(args.out) / 'laws.png'}")
     return 0
 
@@ -228,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--steps", type=int, default=100)
     verify.add_argument("--every", type=int, default=1, help="track every N-th step")
     verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--controls", action="store_true", help="also track quantities that are NOT laws, for contrast (report key 'controls')")
     verify.add_argument("--out", default="laws_out", help="output folder (default laws_out)")
     verify.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     laws.set_defaults(func=_cmd_laws)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .law_controls import control_families, control_terms
 from .laws import family_grams, law_families, law_terms, law_vector, law_vector_from
 from .spec import Spec
 
@@ -51,15 +52,19 @@ class LawTracker:
     the residual measures how far they are from it).
     """
 
-    def __init__(self, model: torch.nn.Module, spec: Spec, optimizer: torch.optim.Optimizer, every: int = 1) -> None:
+    def __init__(self, model: torch.nn.Module, spec: Spec, optimizer: torch.optim.Optimizer, every: int = 1, controls: bool = False) -> None:
         self.model, self.spec, self.optimizer, self.every = model, spec, optimizer, max(1, int(every))
         self.records: list[StepRecord] = []
+        self.controls = control_families(spec) if controls else []
+        self.control_records: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.linear = _linear_mask(spec)
         self._step = 0
         self._before: tuple | None = None
         self._names = {id(p): n for n, p in model.named_parameters()}
         fams = law_families(spec)
         self._touched = {p for fam in fams for p, *_ in spec.uses(fam.factor)} | {p for fam in fams for p, _ in spec.shifts_of(fam.factor)}
+        if controls:  # controls read weights no law touches
+            self._touched = set(spec.params)
         self._cached: tuple | None = None  # (parameter versions, grams) of the weights after the last tracked step
         self.initial = law_vector(spec, self._params())
         self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
@@ -101,6 +106,9 @@ class LawTracker:
         g_norm = sum(float(g.pow(2).sum()) for g in grads.values()) ** 0.5
         noether = (terms.cross.abs() / (terms.grad_norm2.sqrt() * g_norm).clamp_min(1e-300)).max() if len(terms.cross) else torch.zeros(())
         self._before = (terms.value, terms.of_grad, terms.scale, float(noether))
+        if self.controls:
+            ct = control_terms(self.spec, params, grads)
+            self._controls_before = (ct.value, ct.of_grad, ct.scale, ct.cross.abs() / (ct.grad_norm2.sqrt() * g_norm).clamp_min(1e-300))
 
     def _post(self, optimizer, args, kwargs) -> None:
         if self._before is None:
@@ -115,6 +123,12 @@ class LawTracker:
         predicted = torch.where(self.linear, (decay - 1.0) * h0, (decay**2 - 1.0) * h0 + lr**2 * h_g)
         self.records.append(StepRecord(self._step, h1 - h0, predicted, scale, noether))
         self._before = None
+        if self.controls:
+            c0, c_g, c_scale, c_noether = self._controls_before
+            c1 = control_terms(self.spec, params, {}).value
+            linear = torch.cat([torch.full((c.count,), c.linear) for c in self.controls])
+            c_pred = torch.where(linear, (decay - 1.0) * c0, (decay**2 - 1.0) * c0 + lr**2 * c_g)
+            self.control_records.append((self._step, c1 - c0, c_pred, c_scale, c_noether))
 
     # ----- results -----------------------------------------------------------------------------
     def residuals(self) -> torch.Tensor:
@@ -152,6 +166,23 @@ class LawTracker:
                 }
             )
         return out
+
+
+def control_report(tracker: LawTracker, tol: float = 1e-9) -> list[dict]:
+    """Per control family (quantities that are not laws): the same numbers and verdicts as for laws."""
+    if not tracker.control_records:
+        return []
+    res = torch.stack([(d - p) / s for _, d, p, s, _ in tracker.control_records]).abs()
+    drift = torch.stack([d / s for _, d, _, s, _ in tracker.control_records]).abs()
+    noe = torch.stack([n for *_, n in tracker.control_records])
+    _, wd = tracker._lr_wd()
+    out, start = [], 0
+    for fam in tracker.controls:
+        sl = slice(start, start + fam.count)
+        start += fam.count
+        r, d, n = float(res[:, sl].max()), float(drift[:, sl].max()), float(noe[:, sl].max())
+        out.append({"control": fam.name, "count": fam.count, "max_relative_drift": d, "max_residual": r, "noether": n, "verdict": verdict(r, d, n, wd, tol)})
+    return out
 
 
 def verdict(residual: float, drift: float, noether: float, weight_decay: float, tol: float = 1e-9) -> str:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .data import byte_tokens, digits
 from .errors import UsageError
-from .law_tracker import LawTracker
+from .law_tracker import LawTracker, control_report
 from .laws import law_families
 from .models import TransformerConfig, build_model, spec_for
 from .models.named import named_config
@@ -87,7 +87,7 @@ def _batches(vocab: int | None, steps: int, seed: int):
 
 
 def run_verify(model_name: str = "mlp-relu", optimizer: str = "sgd", lr: float | None = None, weight_decay: float = 0.0,
-               steps: int = 100, every: int = 1, seed: int = 0, progress: bool = True) -> tuple[dict, LawTracker]:
+               steps: int = 100, every: int = 1, seed: int = 0, progress: bool = True, controls: bool = False) -> tuple[dict, LawTracker]:
     """Train and track; returns the report dict and the tracker (for plotting)."""
     if steps < 1 or every < 1:
         raise UsageError("--steps and --every must be >= 1")
@@ -95,7 +95,7 @@ def run_verify(model_name: str = "mlp-relu", optimizer: str = "sgd", lr: float |
     torch.manual_seed(seed)
     model, spec, vocab, dtype = load_model(model_name)
     opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay)
-    tracker = LawTracker(model, spec, opt, every=every)
+    tracker = LawTracker(model, spec, opt, every=every, controls=controls)
     bar = tqdm(_batches(vocab, steps, seed), total=steps, desc=f"laws: {model_name} / {optimizer}", unit="step", disable=not progress, leave=False)
     for inputs, loss_fn in bar:
         loss = loss_fn(_logits(model, inputs))
@@ -120,6 +120,8 @@ def run_verify(model_name: str = "mlp-relu", optimizer: str = "sgd", lr: float |
         "laws": laws,
         "final_loss": float(loss.item()),
     }
+    if controls:
+        report["controls"] = control_report(tracker)
     return report, tracker
 
 
@@ -164,7 +166,10 @@ def plot_laws(tracker: LawTracker, path: Path, title: str) -> None:
     axes[1].set_title("worst |drift - exact SGD prediction| / ||touched||^2")
     for ax in axes:
         ax.set_xlabel("step")
-    axes[1].legend(fontsize=6, loc="best")
+    if law_families(tracker.spec):
+        axes[1].legend(fontsize=6, loc="best")
+    else:
+        axes[0].text(0.5, 0.5, "no conservation laws", ha="center", transform=axes[0].transAxes)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -179,3 +179,26 @@ def test_cli_laws_verify_on_a_hugging_face_folder(tmp_path, name):
     assert report["n_laws"] > 0
     worst = max(f["max_residual"] for f in report["families"])
     assert worst <= (1e-6 if name == "mixtral" else 1e-9)
+
+
+@pytest.mark.parametrize("model, kinds", [
+    ("mlp-gelu", {"unit balance"}),
+    ("attention-rope", {"unit balance", "one query head", "between RoPE pairs"}),
+    ("moe-sigmoid", {"unit balance", "between RoPE pairs", "sum of router rows"}),
+])
+def test_controls_are_reported_as_broken_by_the_model(tmp_path, model, kinds):
+    """Quantities that are not laws (GELU balance, one GQA head, off-pair RoPE Grams, sigmoid router sums) drift by
+    orders of magnitude more than the laws' residual, and the verdict says so."""
+    import json
+
+    from symm.cli import main
+
+    out = tmp_path / "laws"
+    assert main(["laws", "verify", "--model", model, "--controls", "--steps", "5", "--out", str(out), "-q"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    controls = report["controls"]
+    assert {k for k in kinds if any(k in c["control"] for c in controls)} == kinds
+    law_residual = max((f["max_residual"] for f in report["families"]), default=1e-16)
+    for c in controls:
+        assert c["verdict"] == "broken by the model", c
+        assert c["max_residual"] > 1e6 * max(law_residual, 1e-17)

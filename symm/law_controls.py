@@ -1,0 +1,142 @@
+"""Controls: quantities that look like conservation laws but are not, derived from the Spec for contrast.
+
+- the balance ||w_in||^2 + b^2 - ||w_out||^2 of units with no positive scaling (GELU, SiLU, tanh units);
+- one query head's ||Q_h||^2 - ||K_g(h)||^2 under grouped-query attention (only the group's sum is a law);
+- Q/K Gram entries between different RoPE frequency pairs (only the pair-diagonal scaling is a law);
+- the sum of router rows under gating without a translation symmetry (sigmoid).
+Each comes with the same terms as a law (:class:`symm.laws.LawTerms`), so a tracker can show that they drift by far
+more than their exact-step residual would allow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .laws import LawTerms, unit_cross_grams
+from .spec import Spec
+from .views import role_blocks
+
+
+@dataclass(frozen=True)
+class ControlFamily:
+    name: str
+    factor: str
+    count: int
+    linear: bool = False
+
+
+def _balance_factors(spec: Spec) -> list[str]:
+    children = {f.parent: f.kind for f in spec.factors.values() if f.parent}
+    return [
+        n for n in spec.factor_order
+        if spec.factors[n].kind in ("permutation", "grouped-permutation") and not spec.factors[n].batch
+        and children.get(n) != "positive-scaling" and not _router_params(spec, n)
+        and any(on.side == "in" for *_, on in spec.uses(n)) and any(on.side == "out" for *_, on in spec.uses(n))
+    ]
+
+
+def _router_params(spec: Spec, name: str) -> list[tuple[str, int]]:
+    """``(param, expert axis)`` of the unbatched uses of an expert permutation (router rows and biases)."""
+    batched = any(f.batch and f.parent == name for f in spec.factors.values())
+    if not batched:
+        return []
+    return [(p, axis) for p, axis, _, on in spec.uses(name) if on.batch_axis is None and not any(on2.batch_axis == axis for *_, on2 in _all_ons(spec, p))]
+
+
+def _all_ons(spec: Spec, pname: str):
+    return [(a, o, on) for a, o, seg in spec.params[pname].segments() for on in seg.acts]
+
+
+def _gqa_heads(spec: Spec) -> list[tuple[str, str]]:
+    """``(head permutation, its Q/K child)`` for attention with fewer KV groups than query heads."""
+    out = []
+    for n in spec.factor_order:
+        f = spec.factors[n]
+        if f.kind == "head-permutation" and f.groups < f.count:
+            qk = [c for c, cf in spec.factors.items() if cf.parent == n and cf.kind in ("general-linear", "rotation-scaling")]
+            if qk:
+                out.append((n, sorted(qk)[0]))
+    return out
+
+
+def _rope_children(spec: Spec) -> list[str]:
+    return [n for n in spec.factor_order if spec.factors[n].kind == "rotation-scaling" and spec.factors[n].dim >= 4]
+
+
+def control_families(spec: Spec) -> list[ControlFamily]:
+    out = [ControlFamily(f"{n}: unit balance without a scaling symmetry", n, spec.factors[n].count) for n in _balance_factors(spec)]
+    out += [ControlFamily(f"{h}: one query head's ||Q_h||^2 - ||K_g||^2 under GQA", h, spec.factors[h].count) for h, _ in _gqa_heads(spec)]
+    out += [ControlFamily(f"{c}: Q/K Gram entries between RoPE pairs", c, spec.factors[c].count * (spec.factors[c].dim // 2 - 1)) for c in _rope_children(spec)]
+    for n in spec.factor_order:
+        if not any(f.kind == "translation" for f in spec.factors.values()):
+            for p, axis in _router_params(spec, n):
+                size = spec.params[p].shape[1 - axis] if len(spec.params[p].shape) == 2 else 1
+                out.append(ControlFamily(f"{p}: sum of router rows without a translation symmetry", n, size, linear=True))
+    return out
+
+
+def _pair_off_diagonal(factor) -> torch.Tensor:
+    """Symmetric matrices (E_ab + E_ba)/2 linking the first dims of neighbouring RoPE pairs: ``(d/2 - 1, d, d)``."""
+    from .factors.linear import pairs_view
+
+    idx = pairs_view(torch.arange(factor.dim), factor.dim, factor.layout)[:, 0]
+    mats = torch.zeros(len(idx) - 1, factor.dim, factor.dim, dtype=torch.float64)
+    for k in range(len(idx) - 1):
+        a, b = int(idx[k]), int(idx[k + 1])
+        mats[k, a, b] = mats[k, b, a] = 0.5
+    return mats
+
+
+def control_terms(spec: Spec, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> LawTerms:
+    """:class:`LawTerms` of every control in :func:`control_families` order."""
+    g = {k: (grads[k] if k in grads else torch.zeros_like(v)) for k, v in params.items()}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("value", "of_grad", "cross", "grad_norm2", "scale")}
+
+    def quadratic(grams_tt, grams_gg, grams_tg, mats):
+        (to, ti), (go, gi), (co, ci) = grams_tt, grams_gg, grams_tg
+        pair = lambda m: torch.einsum("...ab,kab->...k", m, mats).reshape(-1)  # noqa: E731
+        parts["value"].append(0.5 * pair(to - ti))
+        parts["of_grad"].append(0.5 * pair(go - gi))
+        parts["cross"].append(pair(co - ci))
+        parts["grad_norm2"].append(torch.einsum("...ab,kab->...k", to + ti, mats @ mats).reshape(-1))
+        trace = (to + ti).diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+        parts["scale"].append(trace.expand(*trace.shape[:-1], mats.shape[0]).reshape(-1))
+
+    for n in _balance_factors(spec):
+        one = torch.ones(1, 1, 1, dtype=torch.float64)
+        quadratic(unit_cross_grams(spec, params, params, n), unit_cross_grams(spec, g, g, n), unit_cross_grams(spec, params, g, n), one)
+    for heads, qk in _gqa_heads(spec):
+        f = spec.factors[heads]
+        r = f.count // f.groups
+
+        def head_level(p):
+            blocks = role_blocks(spec, p, heads)
+            q, k = blocks[(qk, "out")], blocks[(qk, "in")]
+            k = k.repeat_interleave(r, 0) if k.shape[0] == f.groups else k
+            q = q.repeat_interleave(r, 0) if q.shape[0] == f.groups else q
+            return q, k
+
+        (q, k), (gq, gk) = head_level(params), head_level(g)
+        dot = lambda x, y: (x * y).sum((-1, -2))  # noqa: E731
+        parts["value"].append(0.5 * (dot(q, q) - dot(k, k)))
+        parts["of_grad"].append(0.5 * (dot(gq, gq) - dot(gk, gk)))
+        parts["cross"].append(dot(q, gq) - dot(k, gk))
+        parts["grad_norm2"].append(dot(q, q) + dot(k, k))
+        parts["scale"].append(dot(q, q) + dot(k, k))
+    for c in _rope_children(spec):
+        mats = _pair_off_diagonal(spec.factors[c])
+        quadratic(unit_cross_grams(spec, params, params, c), unit_cross_grams(spec, g, g, c), unit_cross_grams(spec, params, g, c), mats)
+    if not any(f.kind == "translation" for f in spec.factors.values()):
+        for n in spec.factor_order:
+            for p, axis in _router_params(spec, n):
+                theta, grad = params[p].to(torch.float64), g[p].to(torch.float64)
+                parts["value"].append(theta.sum(axis).reshape(-1))
+                parts["of_grad"].append(grad.sum(axis).reshape(-1))
+                parts["cross"].append(grad.sum(axis).reshape(-1))
+                parts["grad_norm2"].append(torch.full((theta.sum(axis).numel(),), float(theta.shape[axis]), dtype=torch.float64))
+                parts["scale"].append(torch.full((theta.sum(axis).numel(),), float(theta.pow(2).sum()), dtype=torch.float64))
+    cat = lambda xs: torch.cat([x.reshape(-1) for x in xs]) if xs else torch.zeros(0, dtype=torch.float64)  # noqa: E731
+    return LawTerms(**{k: cat(v) for k, v in parts.items()})
