@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .law_controls import control_families, control_terms
-from .laws import family_grams, law_families, law_terms, law_vector, law_vector_from
+from .laws import law_families, law_terms, law_vector
 from .spec import Spec
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,6 @@ class LawTracker:
         self._touched = {p for fam in fams for p, *_ in spec.uses(fam.factor)} | {p for fam in fams for p, _ in spec.shifts_of(fam.factor)}
         if controls:  # controls read weights no law touches
             self._touched = set(spec.params)
-        self._cached: tuple | None = None  # (parameter versions, grams) of the weights after the last tracked step
         self.initial = law_vector(spec, self._params())
         self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
 
@@ -77,10 +76,6 @@ class LawTracker:
         """The weights the laws touch, in float64."""
         state = self.model.state_dict(keep_vars=True)
         return {k: state[k].detach().to(torch.float64) for k in self._touched}
-
-    def _versions(self) -> tuple[int, ...]:
-        state = self.model.state_dict(keep_vars=True)
-        return tuple(state[k]._version for k in sorted(self._touched))
 
     def _lr_wd(self) -> tuple[float, float]:
         groups = self.optimizer.param_groups
@@ -101,8 +96,7 @@ class LawTracker:
             for p in g["params"]
             if p.grad is not None and self._names.get(id(p)) in self._touched
         }
-        grams = self._cached[1] if self._cached is not None and self._cached[0] == self._versions() else None
-        terms = law_terms(self.spec, params, grads, grams)
+        terms = law_terms(self.spec, params, grads)
         g_norm = sum(float(g.pow(2).sum()) for g in grads.values()) ** 0.5
         noether = (terms.cross.abs() / (terms.grad_norm2.sqrt() * g_norm).clamp_min(1e-300)).max() if len(terms.cross) else torch.zeros(())
         self._before = (terms.value, terms.of_grad, terms.scale, float(noether))
@@ -115,9 +109,7 @@ class LawTracker:
             return
         h0, h_g, scale, noether = self._before
         params = self._params()
-        grams = family_grams(self.spec, params)
-        h1 = law_vector_from(self.spec, params, grams)
-        self._cached = (self._versions(), grams)
+        h1 = law_vector(self.spec, params)
         lr, wd = self._lr_wd()
         decay = 1.0 - lr * wd
         predicted = torch.where(self.linear, (decay - 1.0) * h0, (decay**2 - 1.0) * h0 + lr**2 * h_g)
