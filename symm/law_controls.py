@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .laws import LawTerms, unit_cross_grams
+from .laws import LawTerms, quadratic_terms, unit_cross_grams
 from .spec import Spec
 from .views import role_blocks
 
@@ -70,12 +70,15 @@ def control_families(spec: Spec) -> list[ControlFamily]:
     out = [ControlFamily(f"{n}: unit balance without a scaling symmetry", n, spec.factors[n].count) for n in _balance_factors(spec)]
     out += [ControlFamily(f"{h}: one query head's ||Q_h||^2 - ||K_g||^2 under GQA", h, spec.factors[h].count) for h, _ in _gqa_heads(spec)]
     out += [ControlFamily(f"{c}: Q/K Gram entries between RoPE pairs", c, spec.factors[c].count * (spec.factors[c].dim // 2 - 1)) for c in _rope_children(spec)]
-    for n in spec.factor_order:
-        if not any(f.kind == "translation" for f in spec.factors.values()):
-            for p, axis in _router_params(spec, n):
-                size = spec.params[p].shape[1 - axis] if len(spec.params[p].shape) == 2 else 1
-                out.append(ControlFamily(f"{p}: sum of router rows without a translation symmetry", n, size, linear=True))
+    for n, p, axis in _unshifted_routers(spec):
+        size = spec.params[p].shape[1 - axis] if len(spec.params[p].shape) == 2 else 1
+        out.append(ControlFamily(f"{p}: sum of router rows without a translation symmetry", n, size, linear=True))
     return out
+
+
+def _unshifted_routers(spec: Spec) -> list[tuple[str, str, int]]:
+    """``(expert permutation, router parameter, expert axis)`` for router parameters no translation shifts."""
+    return [(n, p, axis) for n in spec.factor_order for p, axis in _router_params(spec, n) if not spec.params[p].shifts]
 
 
 def _pair_off_diagonal(factor) -> torch.Tensor:
@@ -96,14 +99,8 @@ def control_terms(spec: Spec, params: Mapping[str, torch.Tensor], grads: Mapping
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("value", "of_grad", "cross", "grad_norm2", "scale")}
 
     def quadratic(grams_tt, grams_gg, grams_tg, mats):
-        (to, ti), (go, gi), (co, ci) = grams_tt, grams_gg, grams_tg
-        pair = lambda m: torch.einsum("...ab,kab->...k", m, mats).reshape(-1)  # noqa: E731
-        parts["value"].append(0.5 * pair(to - ti))
-        parts["of_grad"].append(0.5 * pair(go - gi))
-        parts["cross"].append(pair(co - ci))
-        parts["grad_norm2"].append(torch.einsum("...ab,kab->...k", to + ti, mats @ mats).reshape(-1))
-        trace = (to + ti).diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
-        parts["scale"].append(trace.expand(*trace.shape[:-1], mats.shape[0]).reshape(-1))
+        for key, value in quadratic_terms(grams_tt, grams_gg, grams_tg, mats).items():
+            parts[key].append(value)
 
     for n in _balance_factors(spec):
         one = torch.ones(1, 1, 1, dtype=torch.float64)
@@ -129,14 +126,13 @@ def control_terms(spec: Spec, params: Mapping[str, torch.Tensor], grads: Mapping
     for c in _rope_children(spec):
         mats = _pair_off_diagonal(spec.factors[c])
         quadratic(unit_cross_grams(spec, params, params, c), unit_cross_grams(spec, g, g, c), unit_cross_grams(spec, params, g, c), mats)
-    if not any(f.kind == "translation" for f in spec.factors.values()):
-        for n in spec.factor_order:
-            for p, axis in _router_params(spec, n):
-                theta, grad = params[p].to(torch.float64), g[p].to(torch.float64)
-                parts["value"].append(theta.sum(axis).reshape(-1))
-                parts["of_grad"].append(grad.sum(axis).reshape(-1))
-                parts["cross"].append(grad.sum(axis).reshape(-1))
-                parts["grad_norm2"].append(torch.full((theta.sum(axis).numel(),), float(theta.shape[axis]), dtype=torch.float64))
-                parts["scale"].append(torch.full((theta.sum(axis).numel(),), float(theta.pow(2).sum()), dtype=torch.float64))
+    for _, p, axis in _unshifted_routers(spec):
+        theta, grad = params[p].to(torch.float64), g[p].to(torch.float64)
+        n_out = theta.sum(axis).numel()
+        parts["value"].append(theta.sum(axis).reshape(-1))
+        parts["of_grad"].append(grad.sum(axis).reshape(-1))
+        parts["cross"].append(grad.sum(axis).reshape(-1))
+        parts["grad_norm2"].append(torch.full((n_out,), float(theta.shape[axis]), dtype=torch.float64))
+        parts["scale"].append(torch.full((n_out,), float(theta.pow(2).sum()), dtype=torch.float64))
     cat = lambda xs: torch.cat([x.reshape(-1) for x in xs]) if xs else torch.zeros(0, dtype=torch.float64)  # noqa: E731
     return LawTerms(**{k: cat(v) for k, v in parts.items()})

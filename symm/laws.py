@@ -165,6 +165,21 @@ def law_vector_from(spec: Spec, params: Mapping[str, torch.Tensor], grams: Grams
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
+def quadratic_terms(tt, gg, tg, mats: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The :class:`LawTerms` fields of quadratic forms h_k = 1/2 <G_out - G_in, A_k> from per-unit ``(out, in)`` Grams
+    of theta with theta (``tt``), g with g (``gg``) and theta with g (``tg``); ``mats`` ``(k, u, u)`` symmetric."""
+    (to, ti), (go, gi), (co, ci) = tt, gg, tg
+    pair = lambda m: torch.einsum("...ab,kab->...k", m, mats).reshape(-1)  # noqa: E731
+    trace = (to + ti).diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    return {
+        "value": 0.5 * pair(to - ti),
+        "of_grad": 0.5 * pair(go - gi),
+        "cross": pair(co - ci),
+        "grad_norm2": torch.einsum("...ab,kab->...k", to + ti, mats @ mats).reshape(-1),
+        "scale": trace.expand(*trace.shape[:-1], mats.shape[0]).reshape(-1),
+    }
+
+
 def law_terms(spec: Spec, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> LawTerms:
     """:class:`LawTerms` at ``params`` for the gradient ``grads`` (missing keys count as zero gradient).
 
@@ -185,19 +200,11 @@ def law_terms(spec: Spec, params: Mapping[str, torch.Tensor], grads: Mapping[str
             parts["grad_norm2"].append(torch.full((fam.count,), float(rows), dtype=torch.float64))
             parts["scale"].append(torch.full((fam.count,), float(theta.pow(2).sum()), dtype=torch.float64))
             continue
-        mats = _generator_matrices(spec, fam.factor)
         u = spec.factors[fam.factor].unit_size
         j_out, j_in = unit_joint_grams(spec, params, g, fam.factor)
-        g_out, g_in = j_out[..., :u, :u], j_in[..., :u, :u]
-        q_out, q_in = j_out[..., u:, u:], j_in[..., u:, u:]
-        c_out, c_in = j_out[..., :u, u:], j_in[..., :u, u:]
-        pair = lambda m: torch.einsum("...ab,kab->...k", m, mats).reshape(-1)  # noqa: E731
-        parts["value"].append(0.5 * pair(g_out - g_in))
-        parts["of_grad"].append(0.5 * pair(q_out - q_in))
-        parts["cross"].append(pair(c_out - c_in))
-        parts["grad_norm2"].append(torch.einsum("...ab,kab->...k", g_out + g_in, mats @ mats).reshape(-1))
-        trace = (g_out + g_in).diagonal(dim1=-2, dim2=-1).sum(-1)
-        parts["scale"].append(trace.unsqueeze(-1).expand(fam.shape).reshape(-1))
+        grams = ((j_out[..., :u, :u], j_in[..., :u, :u]), (j_out[..., u:, u:], j_in[..., u:, u:]), (j_out[..., :u, u:], j_in[..., :u, u:]))
+        for key, value in quadratic_terms(*grams, _generator_matrices(spec, fam.factor)).items():
+            parts[key].append(value)
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.float64)  # noqa: E731
     return LawTerms(**{k: cat(v) for k, v in parts.items()})
 
