@@ -3,7 +3,7 @@
 Part 1: every named reference model x {SGD, SGD + weight decay, momentum, Adam}, 50 steps in float64 on the embedded
 data: laws, worst relative residual against the exact SGD step, worst relative drift, worst Noether residual, verdicts.
 Part 2: mlp-relu, total drift after k = 50 steps vs learning rate for SGD and Adam (log-log slope; the notes expect
-about 2 for SGD and about 1 for Adam at fixed steps).
+about 2 for SGD and about 1 for Adam at fixed steps). Part 3: the same at fixed time eta * k (about 1 and 0).
 Prints tables, writes experiments/results/laws_optimizers.json and .png.
 
 Usage: .venv/bin/python experiments/laws_optimizers.py [--steps 50]
@@ -60,6 +60,25 @@ def part2(steps: int) -> dict:
     return out
 
 
+def part3(time_total: float = 2.0) -> dict:
+    """Drift at fixed time eta * k = ``time_total`` (k = time_total / eta steps): the notes expect slope ~1 for SGD
+    (the discrete-step error vanishes with eta) and ~0 for Adam (its drift does not vanish as eta -> 0)."""
+    out = {}
+    for opt, lrs in (("sgd", (0.025, 0.05, 0.1, 0.2)), ("adam", (2.5e-4, 5e-4, 1e-3, 2e-3))):
+        scale = time_total if opt == "sgd" else time_total / 100  # Adam's steps are about 100x smaller per unit lr
+        drifts = []
+        for lr in lrs:
+            steps = max(1, round(scale / lr))
+            _, tracker = run_verify("mlp-relu", opt, lr=lr, steps=steps, progress=False)
+            drifts.append(float(torch.stack([r.drift / r.scale for r in tracker.records]).sum(0).abs().max()))
+        xs, ys = [math.log(x) for x in lrs], [math.log(y) for y in drifts]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        out[opt] = {"lrs": list(lrs), "eta_times_k": scale, "max_total_relative_drift": drifts, "loglog_slope": slope}
+        print(f"{opt}: drift at fixed eta*k = {scale} vs lr: slope {slope:.2f} ({drifts})", flush=True)
+    return out
+
+
 def plot(scaling: dict, path) -> None:
     import matplotlib
 
@@ -87,8 +106,9 @@ def main() -> None:
     rows = part1(args.steps)
     print(table(rows, list(rows[0])))
     scaling = part2(args.steps)
+    fixed_time = part3()
     plot(scaling, RESULTS / "laws_optimizers.png")
-    write_json("laws_optimizers", {"steps": args.steps, "dtype": "float64", "rows": rows, "lr_scaling": scaling})
+    write_json("laws_optimizers", {"steps": args.steps, "dtype": "float64", "rows": rows, "lr_scaling": scaling, "fixed_time": fixed_time})
 
 
 if __name__ == "__main__":
