@@ -66,52 +66,33 @@ def count_laws(spec: Spec) -> int:
     return sum(fam.count for fam in law_families(spec))
 
 
+def unit_rows(spec: Spec, params: Mapping[str, torch.Tensor], use) -> torch.Tensor:
+    """``(*batch, units, n, u)``: every u-vector one use ``(param, axis, offset, On)`` holds per unit (over its shared
+    repeats, blocks and all other axes), in float64: the vectors the unit's ``u x u`` block acts on."""
+    pname, axis, offset, on = use
+    u = spec.factors[on.factor].unit_size
+    size = segment_of(spec, pname, axis, offset).size
+    blocks = unit_blocks(spec, params[pname].to(torch.float64), axis, offset, size, on)  # (*b, units, per, rest)
+    lead = blocks.shape[:-2]
+    v = blocks.reshape(*lead, on.repeat, u, on.block, blocks.shape[-1]).movedim(-3, -1)  # (*b, units, r, block, rest, u)
+    return v.reshape(*lead, -1, u)
+
+
 def unit_cross_grams(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(C_out, C_in)``, each ``(*batch, count, u, u)`` (u = unit size): per unit, sum over every use on that side of
     X_a X_b^T over the unit's entries (shared repeats and blocks included), in float64. ``a is b`` gives Grams."""
     f = spec.factors[name]
-    u = f.unit_size
-    c_out = torch.zeros(*f.batch, f.count, u, u, dtype=torch.float64)
+    c_out = torch.zeros(*f.batch, f.count, f.unit_size, f.unit_size, dtype=torch.float64)
     c_in = torch.zeros_like(c_out)
-
-    def rows(params, pname, axis, offset, size, on):
-        blocks = unit_blocks(spec, params[pname].to(torch.float64), axis, offset, size, on)  # (*b, units, per, rest)
-        lead = blocks.shape[:-2]
-        v = blocks.reshape(*lead, on.repeat, u, on.block, blocks.shape[-1]).movedim(-3, -1)  # (*b, units, r, block, rest, u)
-        return v.reshape(*lead, -1, u)
-
-    for pname, axis, offset, on in spec.uses(name):
-        size = segment_of(spec, pname, axis, offset).size
-        va = rows(a, pname, axis, offset, size, on)
-        vb = va if b is a else rows(b, pname, axis, offset, size, on)
+    for use in spec.uses(name):
+        va = unit_rows(spec, a, use)
+        vb = va if b is a else unit_rows(spec, b, use)
         cross = va.transpose(-1, -2) @ vb
-        if on.side == "out":
+        if use[3].side == "out":
             c_out = c_out + cross
         else:
             c_in = c_in + cross
     return c_out, c_in
-
-
-def unit_joint_grams(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per side, ``(*batch, count, 2u, 2u)``: the Gram of [X_a, X_b] per unit, i.e. [[A A^T, A B^T], [B A^T, B B^T]]
-    in one pass (one view and one matmul per use instead of three)."""
-    f = spec.factors[name]
-    u = f.unit_size
-    out = torch.zeros(*f.batch, f.count, 2 * u, 2 * u, dtype=torch.float64)
-    inn = torch.zeros_like(out)
-    for pname, axis, offset, on in spec.uses(name):
-        size = segment_of(spec, pname, axis, offset).size
-        both = torch.stack([a[pname].to(torch.float64), b[pname].to(torch.float64)], dim=-1)  # trailing pair axis
-        blocks = unit_blocks(spec, both, axis if axis >= 0 else axis - 1, offset, size, on)  # (*b, units, per, rest*2)
-        lead = blocks.shape[:-2]
-        v = blocks.reshape(*lead, on.repeat, u, on.block, -1, 2).movedim(-4, -1)  # (*b, units, r, block, rest, 2, u)
-        v = v.reshape(*lead, -1, 2 * u)
-        gram = v.transpose(-1, -2) @ v
-        if on.side == "out":
-            out = out + gram
-        else:
-            inn = inn + gram
-    return out, inn
 
 
 def unit_grams(spec: Spec, params: Mapping[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +165,7 @@ def law_terms(spec: Spec, params: Mapping[str, torch.Tensor], grads: Mapping[str
     """:class:`LawTerms` at ``params`` for the gradient ``grads`` (missing keys count as zero gradient).
 
     Quadratic law with symmetric generator A: h = 1/2 <G_out - G_in, A>, <grad h, g> = <C_out - C_in, A> with C
-    the cross Gram of theta and g, ||grad h||^2 = <G_out + G_in, A^2>; all three Grams come from one joint pass.
+    the cross Gram of theta and g, ||grad h||^2 = <G_out + G_in, A^2>.
     Linear law: h = sum of the shifted rows.
     """
     g = {k: (grads[k] if k in grads else torch.zeros_like(v)) for k, v in params.items()}
@@ -200,9 +181,7 @@ def law_terms(spec: Spec, params: Mapping[str, torch.Tensor], grads: Mapping[str
             parts["grad_norm2"].append(torch.full((fam.count,), float(rows), dtype=torch.float64))
             parts["scale"].append(torch.full((fam.count,), float(theta.pow(2).sum()), dtype=torch.float64))
             continue
-        u = spec.factors[fam.factor].unit_size
-        j_out, j_in = unit_joint_grams(spec, params, g, fam.factor)
-        grams = ((j_out[..., :u, :u], j_in[..., :u, :u]), (j_out[..., u:, u:], j_in[..., u:, u:]), (j_out[..., :u, u:], j_in[..., :u, u:]))
+        grams = (unit_grams(spec, params, fam.factor), unit_grams(spec, g, fam.factor), unit_cross_grams(spec, params, g, fam.factor))
         for key, value in quadratic_terms(*grams, _generator_matrices(spec, fam.factor)).items():
             parts[key].append(value)
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.float64)  # noqa: E731
