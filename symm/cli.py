@@ -1,4 +1,4 @@
-"""Command line: ``symm demo``, ``symm align`` and ``symm describe``.
+"""Command line: ``symm demo``, ``symm align``, ``symm describe``, ``symm laws`` and ``symm zoo``.
 
 Every failure ends with one line ``symm: error: ...`` and exit status 2 (130 on Ctrl-C), never a traceback
 (``-v`` logs it).
@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--out", default="laws_out", help="output folder (default laws_out)")
     verify.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     laws.set_defaults(func=_cmd_laws)
+
+    from .zoo.cli import add_zoo_parser
+
+    add_zoo_parser(sub)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,8 @@ class CNN(nn.Module):
         self.head = nn.Linear(c * config.head_pixels, config.n_classes)
         self._act = activation_fn(config.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, dropout: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits; ``dropout`` holds one multiplicative mask per block output (explicit randomness, for vmap)."""
         if x.dim() == 2:
             side = self.config.image_size
             x = x.reshape(x.shape[0], self.config.in_channels, side, side)
@@ -62,7 +64,18 @@ class CNN(nn.Module):
             if self.norms:
                 x = self.norms[i](x)
             x = nn.functional.avg_pool2d(self._act(x), 2)
+            if dropout is not None:
+                x = x * dropout[i]
         return self.head(x.flatten(1))
+
+    def hidden_shapes(self, batch: int) -> list[tuple[int, ...]]:
+        """Shapes of the block outputs (one dropout mask each)."""
+        side = self.config.image_size
+        shapes = []
+        for w in self.config.widths:
+            side //= 2
+            shapes.append((batch, w, side, side))
+        return shapes
 
 
 def cnn_spec(config: CNNConfig) -> Spec:

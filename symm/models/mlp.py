@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,13 +54,21 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList(layers)
         self._act = None if config.activation == "swiglu" else activation_fn(config.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, dropout: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits; ``dropout`` holds one multiplicative mask per hidden layer (explicit randomness, for vmap)."""
         x = x.flatten(1)
         for i, layer in enumerate(self.layers):
             x = layer(x)
-            if self._act is not None and i < len(self.layers) - 1:
-                x = self._act(x)
+            if i < len(self.layers) - 1:
+                if self._act is not None:
+                    x = self._act(x)
+                if dropout is not None:
+                    x = x * dropout[i]
         return x
+
+    def hidden_shapes(self, batch: int) -> list[tuple[int, ...]]:
+        """Shapes of the hidden activations (one dropout mask each)."""
+        return [(batch, s) for s in self.config.sizes[1:-1]]
 
 
 def mlp_spec(config: MLPConfig) -> Spec:
