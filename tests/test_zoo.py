@@ -121,6 +121,21 @@ def test_cnn_zoo(tmp_path):
     assert zoo.spec().name.startswith("cnn")
 
 
+def test_transformer_text_zoo(tmp_path):
+    out = tmp_path / "t"
+    space = SearchSpace(widths=(16,), depths=(1,), activations=("gelu",), epochs=(1,), dropout=(0.0,), train_fraction=(0.25,))
+    make_zoo(out, ZooPlan("transformer", "text", 2, space=space, checkpoint_epochs=(0, 1)), progress=False)
+    zoo = load(out)
+    data = load_dataset("text", 0)
+    i = len(zoo) - 1
+    with torch.no_grad():
+        acc = float((zoo.model(i)(data.x_test).argmax(-1) == data.y_test).float().mean())
+    assert acc == pytest.approx(zoo.row(i)["test_accuracy"], abs=1e-6)
+    assert zoo.spec().name.startswith("transformer")
+    with pytest.raises(UsageError, match="transformer goes with --dataset text"):
+        ZooPlan("transformer", "digits", 2)
+
+
 # ---- bad input ----------------------------------------------------------------------------------------
 def test_bad_plans_refused():
     with pytest.raises(UsageError, match="unknown zoo architecture"):

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import UsageError
 from .make import ARCHS, CHUNK_SIZE, ZooPlan, make_zoo
 from .datasets import DATASETS
-from .space import SearchSpace
+from .space import SearchSpace, default_space
 
 
 def add_zoo_parser(sub) -> None:
@@ -36,22 +36,22 @@ def add_zoo_parser(sub) -> None:
     info.set_defaults(func=_cmd_info)
 
 
-def _space(path: Path | None) -> SearchSpace:
+def _space(path: Path | None, arch: str) -> SearchSpace:
     if path is None:
-        return SearchSpace()
+        return default_space(arch)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"--space {path}: no such file") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"--space {path}: not JSON ({exc})") from None
-    return SearchSpace.from_json({**SearchSpace().to_json(), **data})
+    return SearchSpace.from_json({**default_space(arch).to_json(), **data})
 
 
 def _cmd_make(args: argparse.Namespace) -> int:
     if args.chunk_size < 1:
         raise UsageError(f"--chunk-size must be at least 1, got {args.chunk_size}")
-    plan = ZooPlan(args.arch, args.dataset, args.n_models, seed=args.seed, split_seed=args.split_seed, space=_space(args.space))
+    plan = ZooPlan(args.arch, args.dataset, args.n_models, seed=args.seed, split_seed=args.split_seed, space=_space(args.space, args.arch))
     r = make_zoo(args.out, plan, workers=args.workers, ray=args.ray, chunk_size=args.chunk_size, progress=not args.quiet)
     rate = r.trained / r.seconds if r.seconds > 0 else float("nan")
     print(f"zoo {r.folder}: trained {r.trained} runs ({rate:.1f} models/s), {r.skipped} already finished")

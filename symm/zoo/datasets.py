@@ -8,7 +8,8 @@ import torch
 
 from ..errors import UsageError
 
-DATASETS = ("digits", "mnist1d")
+DATASETS = ("digits", "mnist1d", "text")
+TEXT_VOCAB, TEXT_SEQ, TEXT_WINDOWS = 64, 32, 1024
 VAL_FRACTION = 0.15
 
 
@@ -25,6 +26,11 @@ class ZooData:
     n_classes: int
 
     @property
+    def is_sequence(self) -> bool:
+        """Language modelling: ``x`` are token windows, ``y`` the next tokens (same shape)."""
+        return self.y_train.dim() == 2
+
+    @property
     def n_features(self) -> int:
         return int(self.x_train[0].numel())
 
@@ -34,11 +40,14 @@ class ZooData:
 
 
 def load_dataset(name: str, split_seed: int = 0) -> ZooData:
-    """``digits`` (sklearn, 1797 8x8 images) or ``mnist1d`` (4000 generated 40-d signals); test 20%, val 15% of the rest."""
+    """``digits`` (sklearn, 1797 8x8 images), ``mnist1d`` (4000 generated 40-d signals): test 20%, val 15% of the
+    rest, stratified; ``text``: next-byte prediction on windows of the shipped Shakespeare corpus (bytes mod 64)."""
     from sklearn.model_selection import train_test_split
 
     from .. import data
 
+    if name == "text":
+        return _text(split_seed)
     if name == "digits":
         split = data.digits(test_fraction=0.2, seed=split_seed)
     elif name == "mnist1d":
@@ -52,3 +61,13 @@ def load_dataset(name: str, split_seed: int = 0) -> ZooData:
         name, split_seed, torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_va), torch.from_numpy(y_va),
         split.x_test, split.y_test, split.n_classes,
     )
+
+
+def _text(split_seed: int) -> ZooData:
+    from .. import data
+
+    tok = data.byte_tokens(vocab_size=TEXT_VOCAB, seq_len=TEXT_SEQ, n_train=TEXT_WINDOWS, n_test=TEXT_WINDOWS // 4, seed=split_seed)
+    n_val = round(VAL_FRACTION * len(tok.train))
+    order = torch.randperm(len(tok.train), generator=torch.Generator().manual_seed(split_seed))
+    train, val = tok.train[order[n_val:]], tok.train[order[:n_val]]
+    return ZooData("text", split_seed, train[:, :-1], train[:, 1:], val[:, :-1], val[:, 1:], tok.test[:, :-1], tok.test[:, 1:], TEXT_VOCAB)

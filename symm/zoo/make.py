@@ -17,19 +17,19 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import OutputError, UsageError
-from ..models import CNNConfig, MLPConfig
+from ..models import CNNConfig, MLPConfig, TransformerConfig
 from ..publish import OutputLock, fault_point
-from .datasets import DATASETS, load_dataset
+from .datasets import DATASETS, TEXT_SEQ, load_dataset
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, METADATA, SHARDS, arch_id, config_to_json, read_manifest, write_atomic
 from .shards import TMP_PREFIX, read_header, write_shard
-from .space import Run, SearchSpace, draw_run
+from .space import TRANSFORMER_FFNS, Run, SearchSpace, default_space, draw_run
 from .store import rebuild_index, shard_paths
 from .table import Table
 from .train import ChunkResult, ChunkTask, train_chunk
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("mlp", "cnn")
+ARCHS = ("mlp", "cnn", "transformer")
 CHECKPOINT_EPOCHS = (0, 1, 2, 5, 10, 20, 30)
 BATCH_SIZE = 64
 CHUNK_SIZE = 64
@@ -44,7 +44,7 @@ class ZooPlan:
     n_models: int
     seed: int = 0
     split_seed: int = 0
-    space: SearchSpace = SearchSpace()
+    space: SearchSpace | None = None  # None: default_space(arch)
     checkpoint_epochs: tuple[int, ...] = CHECKPOINT_EPOCHS
     batch_size: int = BATCH_SIZE
 
@@ -53,8 +53,16 @@ class ZooPlan:
             raise UsageError(f"unknown zoo architecture {self.arch!r} (known: {', '.join(ARCHS)})")
         if self.dataset not in DATASETS:
             raise UsageError(f"unknown zoo dataset {self.dataset!r} (known: {', '.join(DATASETS)})")
+        if self.space is None:
+            object.__setattr__(self, "space", default_space(self.arch))
         if self.arch == "cnn" and self.dataset != "digits":
             raise UsageError("--arch cnn needs an image dataset: --dataset digits")
+        if (self.arch == "transformer") != (self.dataset == "text"):
+            raise UsageError("--arch transformer goes with --dataset text (and text only with the transformer)")
+        if self.arch == "transformer":
+            bad = set(self.space.activations) - set(TRANSFORMER_FFNS)
+            if bad or any(d > 0 for d in self.space.dropout):
+                raise UsageError(f"transformer zoos: activations among {TRANSFORMER_FFNS} (got {sorted(bad)}), dropout (0.0,)")
         if self.n_models < 1:
             raise UsageError(f"--n-models must be at least 1, got {self.n_models}")
         if self.arch == "cnn" and max(self.space.depths) > 3:
@@ -64,6 +72,9 @@ class ZooPlan:
         """The reference-model config of a run (its width, depth and activation)."""
         if self.arch == "mlp":
             return MLPConfig((n_features, *([run.width] * run.depth), n_classes), run.activation)
+        if self.arch == "transformer":
+            return TransformerConfig(vocab_size=n_classes, d_model=run.width, n_layers=run.depth, n_heads=2, max_len=TEXT_SEQ,
+                                     pe="rope", ffn=run.activation, d_ff=2 * run.width, norm="layer")
         return CNNConfig(in_channels=1, widths=(run.width,) * run.depth, n_classes=n_classes, image_size=8, activation=run.activation, norm="none")
 
     def manifest(self) -> dict:

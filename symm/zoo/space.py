@@ -75,6 +75,17 @@ class SearchSpace:
         return SearchSpace(**kw)
 
 
+TRANSFORMER_FFNS = ("relu", "gelu", "silu", "swiglu")
+
+
+def default_space(arch: str) -> SearchSpace:
+    """The documented default space of an architecture family (transformers: d_model, layers, FFN kind; no dropout)."""
+    if arch == "transformer":
+        return SearchSpace(widths=(16, 32), depths=(1, 2), activations=("relu", "gelu", "swiglu"), dropout=(0.0,),
+                           label_noise=(0.0, 0.05, 0.2), epochs=(1, 2, 4, 8))
+    return SearchSpace()
+
+
 @dataclass(frozen=True)
 class Run:
     """One training run: its id, torch seed and hyperparameters."""

@@ -10,6 +10,7 @@ rate 0, which leaves its weights exactly unchanged.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
+from ..errors import UsageError
 from ..models import build_model
 from .datasets import ZooData, load_dataset
 from .space import Run
@@ -64,7 +66,9 @@ def train_chunk(task: ChunkTask) -> ChunkResult:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(task, _dataset(task.dataset, task.split_seed))
+        with warnings.catch_warnings():  # vmap runs attention per model (no batching rule for CPU SDPA): expected
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
+            return _train(task, _dataset(task.dataset, task.split_seed))
     finally:
         torch.set_num_threads(threads)
 
@@ -81,13 +85,16 @@ def _train(task: ChunkTask, data: ZooData) -> ChunkResult:
     total = max(budgets)
     stream = torch.stack([torch.cat([s, s[-1:].expand(total - len(s), B)]) if len(s) < total else s for s in streams])
     saves = [checkpoint_steps(r, int(m.sum()), B, task.checkpoint_epochs) for r, m in zip(runs, members)]
-    hidden = model.hidden_shapes(B)
+    hidden = model.hidden_shapes(B) if hasattr(model, "hidden_shapes") else None
     use_dropout = any(r.dropout > 0 for r in runs)
+    if use_dropout and hidden is None:
+        raise UsageError(f"{type(model).__name__} takes no dropout masks: use a search space with dropout (0.0,)")
 
     def loss(p, x, y, masks):
-        return F.cross_entropy(functional_call(model, p, (x,), {"dropout": masks}), y)
+        logits = functional_call(model, p, (x,), {"dropout": masks} if masks is not None else {})
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
-    step_fn = vmap(grad_and_value(loss))
+    step_fn = vmap(grad_and_value(loss), in_dims=(0, 0, 0, 0 if use_dropout else None))
     opt = _Optimizer(runs, params, budgets)
     snaps: dict[tuple[int, int], tuple[dict[str, torch.Tensor], dict[str, float]]] = {}
     for t in range(total + 1):
@@ -100,8 +107,8 @@ def _train(task: ChunkTask, data: ZooData) -> ChunkResult:
             break
         idx = stream[:, t]  # [M, B]
         x = data.x_train[idx]
-        y = torch.gather(y_run, 1, idx)
-        masks = _dropout_masks(runs, gens, hidden) if use_dropout else [torch.ones(M, *s) for s in hidden]
+        y = y_run[torch.arange(M)[:, None], idx]
+        masks = _dropout_masks(runs, gens, hidden) if use_dropout else None
         grads, _ = step_fn(params, x, y, masks)
         params = opt.step(params, grads, t)
     return _collect(task, snaps)
@@ -125,7 +132,7 @@ def _run_data(run: Run, gen: torch.Generator, data: ZooData, B: int) -> tuple[to
     member = torch.zeros(n, dtype=torch.bool)
     member[subset] = True
     y = data.y_train.clone()
-    flip = torch.rand(n, generator=gen) < run.label_noise
+    flip = torch.rand(y.shape, generator=gen) < run.label_noise  # per label (per token for text)
     y[flip] = torch.randint(0, data.n_classes, (int(flip.sum()),), generator=gen)
     steps = max(1, round(run.epochs * size / B))
     n_epochs = math.ceil(steps * B / size)
@@ -185,13 +192,15 @@ def _evaluate(model, params, due, data, y_run, member) -> list[dict[str, float]]
     results: list[dict[str, float]] = [{} for _ in due]
     splits = {
         "train": (data.x_train, y_run[due], member[due]),
-        "val": (data.x_val, data.y_val.expand(len(due), -1), None),
-        "test": (data.x_test, data.y_test.expand(len(due), -1), None),
+        "val": (data.x_val, data.y_val.expand(len(due), *data.y_val.shape), None),
+        "test": (data.x_test, data.y_test.expand(len(due), *data.y_test.shape), None),
     }
     for name, (x, y, keep) in splits.items():
-        logits = forward(p, x)  # [m, n, C]
-        loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+        logits = forward(p, x)  # [m, n, (T,) C]
+        loss = F.cross_entropy(logits.movedim(-1, 1), y, reduction="none")
         correct = (logits.argmax(-1) == y).float()
+        if loss.dim() == 3:  # language modelling: per window, the mean over its tokens
+            loss, correct = loss.mean(-1), correct.mean(-1)
         w = keep.float() if keep is not None else torch.ones_like(loss)
         mean_loss = (loss * w).sum(1) / w.sum(1)
         mean_acc = (correct * w).sum(1) / w.sum(1)
