@@ -74,6 +74,17 @@ def test_training_independent_of_batch_composition():
     assert any(r.dropout > 0 for r in runs)
 
 
+def test_mixed_architectures_stack_only_when_shapes_agree(zoo_dir):
+    zoo = load(zoo_dir)
+    same_shape = zoo.select(width=12)  # relu and tanh nets of one shape
+    assert len(np.unique(same_shape.table["arch"])) == 2
+    assert same_shape.weights()["layers.0.weight"].shape == (len(same_shape), 12, 64)
+    with pytest.raises(UsageError, match="mixes 2 architectures"):
+        zoo.select(activation="relu").weights()
+    with pytest.raises(UsageError, match="mixes"):
+        same_shape.spec()
+
+
 def test_metadata_columns_and_split_by_run(zoo_dir):
     zoo = load(zoo_dir)
     for col in ["model_id", "run_id", "seed", "optimizer", "learning_rate", "weight_decay", "width", "depth", "activation",

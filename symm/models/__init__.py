@@ -9,6 +9,7 @@ from ..spec import Spec
 from .cnn import CNN, CNNConfig, cnn_spec
 from .mlp import MLP, MLPConfig, mlp_spec
 from .transformer import TransformerConfig, TransformerLM, transformer_spec
+from .small_cnn import SmallCNN, SmallCNNConfig, small_cnn_spec
 from .residual import ResidualCNN, ResidualCNNConfig, ResidualMLP, ResidualMLPConfig, residual_cnn_spec, residual_mlp_spec
 
 SPEC_BUILDERS = {
@@ -17,6 +18,7 @@ SPEC_BUILDERS = {
     ResidualMLPConfig: residual_mlp_spec,
     ResidualCNNConfig: residual_cnn_spec,
     TransformerConfig: transformer_spec,
+    SmallCNNConfig: small_cnn_spec,
 }
 
 MODEL_CLASSES = {
@@ -25,6 +27,7 @@ MODEL_CLASSES = {
     ResidualMLPConfig: ResidualMLP,
     ResidualCNNConfig: ResidualCNN,
     TransformerConfig: TransformerLM,
+    SmallCNNConfig: SmallCNN,
 }
 
 
@@ -56,6 +59,8 @@ __all__ = [
     "ResidualCNNConfig",
     "ResidualMLP",
     "ResidualMLPConfig",
+    "SmallCNN",
+    "SmallCNNConfig",
     "TransformerConfig",
     "TransformerLM",
     "build_model",

@@ -79,8 +79,13 @@ class Zoo:
         return spec_for(self.config)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Every parameter stacked over this view's rows: ``name -> [len(self), *shape]`` (float32)."""
-        self.arch  # one architecture, or a clear error
+        """Every parameter stacked over this view's rows: ``name -> [len(self), *shape]`` (float32).
+
+        A view may mix architectures whose parameters have the same names and shapes (e.g. ReLU and tanh nets
+        of one shape); otherwise select one architecture first."""
+        archs = sorted({str(a) for a in self.table["arch"]}) if len(self) else []
+        if len(archs) > 1 and len({tuple(_param_shapes(self.architectures[a]).items()) for a in archs}) > 1:
+            self.arch  # the clear error
         return self.read(self.positions)
 
     def state_dict(self, i: int) -> dict[str, torch.Tensor]:
@@ -111,3 +116,10 @@ class Zoo:
                 "final test accuracy: min {:.3f}  q1 {:.3f}  median {:.3f}  q3 {:.3f}  max {:.3f}  (IQR {:.3f})".format(*q, q[3] - q[1])
             )
         return "\n".join(lines)
+
+
+def _param_shapes(config: object) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of a reference config (built on the meta device: no memory, no init cost)."""
+    with torch.device("meta"):
+        model = build_model(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
