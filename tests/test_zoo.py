@@ -244,3 +244,21 @@ def test_concurrent_make_refused(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_cli_make_and_info(tmp_path, capsys):
+    from symm.cli import main
+
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"widths": [8], "depths": [1], "activations": ["relu"], "epochs": [1]}))
+    out = tmp_path / "z"
+    assert main(["zoo", "make", "--n-models", "2", "--out", str(out), "--space", str(space), "--workers", "1", "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "trained 2 runs" in text and "mlp-64-8-10-relu" in text and "8 laws" in text and "IQR" in text
+    assert main(["zoo", "make", "--n-models", "2", "--out", str(out), "--space", str(space), "--workers", "1", "-q"]) == 0
+    assert "trained 0 runs" in capsys.readouterr().out
+    space.write_text(json.dumps({"widths": [8], "optimizers": ["lbfgs"]}))
+    assert main(["zoo", "make", "--out", str(tmp_path / "y"), "--space", str(space)]) == 2
+    assert "unknown optimizers" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    assert main(["zoo", "info", str(tmp_path / "nothing")]) == 2
+    assert "is not a zoo" in capsys.readouterr().err

@@ -449,3 +449,11 @@ def test_bad_folder_raises_naming_the_file_and_changes_nothing(case, written, tm
 def test_missing_folder_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="nowhere"):
         load_small_cnn_zoo(tmp_path / "nowhere")
+
+
+def test_zoo_info_cli_reads_the_published_format(written, capsys):
+    from symm.cli import main
+
+    assert main(["zoo", "info", str(written.folder)]) == 0
+    out = capsys.readouterr().out
+    assert "Small CNN Zoo format" in out and "small-cnn-relu" in out and "positive-scaling" in out

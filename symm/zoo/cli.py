@@ -32,7 +32,7 @@ def add_zoo_parser(sub) -> None:
     mk.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     mk.set_defaults(func=_cmd_make)
     info = zsub.add_parser("info", help="counts, architectures and their symmetry groups, accuracy spread")
-    info.add_argument("folder", type=Path)
+    info.add_argument("folder", type=Path, help="a zoo folder (ours, or the published Small CNN Zoo format)")
     info.set_defaults(func=_cmd_info)
 
 
@@ -65,10 +65,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from ..models import spec_for
     from .store import load
 
-    zoo = load(args.folder)
-    m = zoo.info
-    print(f"zoo {args.folder}: format v{m['format_version']}, {m.get('family', '?')} on {m['dataset']['name']} "
-          f"(split seed {m['dataset']['split_seed']}, sizes {m['dataset']['sizes']})")
+    if (Path(args.folder) / "layout.csv").is_file():  # the published Small CNN Zoo format
+        from .small_cnn import load_small_cnn_zoo
+
+        zoo = load_small_cnn_zoo(args.folder)
+        print(f"zoo {args.folder}: Small CNN Zoo format (Unterthiner et al. 2020)")
+    else:
+        zoo = load(args.folder)
+        m = zoo.info
+        print(f"zoo {args.folder}: format v{m['format_version']}, {m.get('family', '?')} on {m['dataset']['name']} "
+              f"(split seed {m['dataset']['split_seed']}, sizes {m['dataset']['sizes']})")
     print(zoo.describe())
     finite = zoo.table["finite"] if "finite" in zoo.table.columns else np.ones(len(zoo), int)
     if (finite == 0).any():
