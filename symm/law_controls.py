@@ -3,7 +3,8 @@
 - the balance ||w_in||^2 + b^2 - ||w_out||^2 of units with no positive scaling (GELU, SiLU, tanh units);
 - one query head's ||Q_h||^2 - ||K_g(h)||^2 under grouped-query attention (only the group's sum is a law);
 - Q/K Gram entries between different RoPE frequency pairs (only the pair-diagonal scaling is a law);
-- the sum of router rows under gating without a translation symmetry (sigmoid).
+- the sum of router rows under gating without a translation symmetry (sigmoid, sigmoid-raw, normsigmoid);
+- Q^T Q - K^T K per KV group under per-head QK-norm (the GL(d_h) law the norm destroys).
 Each comes with the same terms as a law (:class:`symm.laws.LawTerms`), so a tracker can show that they drift by far
 more than their exact-step residual would allow.
 """
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .factors import GeneralLinear
 from .laws import LawTerms, quadratic_terms, unit_cross_grams
 from .spec import Spec
-from .views import role_blocks
+from .views import group_gram, role_blocks
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,14 @@ class ControlFamily:
 
 
 def _balance_factors(spec: Spec) -> list[str]:
-    children = {f.parent: f.kind for f in spec.factors.values() if f.parent}
+    children: dict[str, set[str]] = {}
+    for f in spec.factors.values():
+        if f.parent:
+            children.setdefault(f.parent, set()).add(f.kind)
     return [
         n for n in spec.factor_order
         if spec.factors[n].kind in ("permutation", "grouped-permutation") and not spec.factors[n].batch
-        and children.get(n) != "positive-scaling" and not _router_params(spec, n)
+        and "positive-scaling" not in children.get(n, set()) and not _router_params(spec, n)
         and any(on.side == "in" for *_, on in spec.uses(n)) and any(on.side == "out" for *_, on in spec.uses(n))
     ]
 
@@ -62,6 +67,34 @@ def _gqa_heads(spec: Spec) -> list[tuple[str, str]]:
     return out
 
 
+def _qk_norm_heads(spec: Spec) -> list[tuple[str, str, str]]:
+    """``(head permutation, Q norm scale, K norm scale)`` for attention with per-head QK-norm.
+
+    Q rows carry the heads factor as ``out``, K rows as ``in``: that tells the two norm-scale children apart.
+    """
+    out = []
+    for n in spec.factor_order:
+        if spec.factors[n].kind != "head-permutation":
+            continue
+        kids = [c for c in spec.factor_order if spec.factors[c].parent == n]
+        role = {c: _heads_side(spec, n, c) for c in kids if spec.factors[c].kind == "norm-scale"}
+        q = [c for c, sides in role.items() if sides == {"out"}]
+        k = [c for c, sides in role.items() if sides == {"in"}]
+        if len(q) == 1 and len(k) == 1:
+            out.append((n, q[0], k[0]))
+    return out
+
+
+def _heads_side(spec: Spec, heads: str, child: str) -> set[str]:
+    """Sides of ``heads`` on the segments where ``child`` acts."""
+    sides = set()
+    for p, axis, offset, _ in spec.uses(child):
+        for a, o, seg in spec.params[p].segments():
+            if (a, o) == (axis, offset):
+                sides |= {on.side for on in seg.acts if on.factor == heads}
+    return sides
+
+
 def _rope_children(spec: Spec) -> list[str]:
     return [n for n in spec.factor_order if spec.factors[n].kind == "rotation-scaling" and spec.factors[n].dim >= 4]
 
@@ -73,7 +106,18 @@ def control_families(spec: Spec) -> list[ControlFamily]:
     for n, p, axis in _unshifted_routers(spec):
         size = spec.params[p].shape[1 - axis] if len(spec.params[p].shape) == 2 else 1
         out.append(ControlFamily(f"{p}: sum of router rows without a translation symmetry", n, size, linear=True))
+    for h, _, _ in _qk_norm_heads(spec):
+        f = spec.factors[h]
+        out.append(ControlFamily(f"{h}: Q^T Q - K^T K per KV group under QK-norm", h, f.groups * f.head_dim * (f.head_dim + 1) // 2))
     return out
+
+
+def _qk_grams(spec: Spec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], heads: str, q: str, k: str):
+    """Per KV group ``(sum over its query heads of Q_a Q_b^T, K_a K_b^T)``, each ``(groups, d_h, d_h)``."""
+    n = spec.factors[heads].groups
+    ba = role_blocks(spec, a, heads)
+    bb = ba if b is a else role_blocks(spec, b, heads)
+    return group_gram(ba[(q, "out")], bb[(q, "out")], n), group_gram(ba[(k, "out")], bb[(k, "out")], n)
 
 
 def _unshifted_routers(spec: Spec) -> list[tuple[str, str, int]]:
@@ -134,5 +178,9 @@ def control_terms(spec: Spec, params: Mapping[str, torch.Tensor], grads: Mapping
         parts["cross"].append(grad.sum(axis).reshape(-1))
         parts["grad_norm2"].append(torch.full((n_out,), float(theta.shape[axis]), dtype=torch.float64))
         parts["scale"].append(torch.full((n_out,), float(theta.pow(2).sum()), dtype=torch.float64))
+    for heads, q, k in _qk_norm_heads(spec):
+        mats = GeneralLinear("qk", 1, dim=spec.factors[heads].head_dim).symmetric_generators()
+        grams = (_qk_grams(spec, a, b, heads, q, k) for a, b in ((params, params), (g, g), (params, g)))
+        quadratic(*grams, mats)
     cat = lambda xs: torch.cat([x.reshape(-1) for x in xs]) if xs else torch.zeros(0, dtype=torch.float64)  # noqa: E731
     return LawTerms(**{k: cat(v) for k, v in parts.items()})

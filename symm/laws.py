@@ -7,7 +7,8 @@ its factor, one unit's law is h = 1/2 <G_out - G_in, A>, where G_side is the Gra
 all its uses on that side. This one formula gives
   positive scaling   -> ||w_in||^2 + b^2 - ||w_out||^2 per unit (halved),
   GL(d_h) on Q/K, V/O -> the entries of Q^T Q - K^T K and V^T V - O^T O per KV group,
-  RoPE pairs          -> ||Q^(j)||^2 - ||K^(j)||^2 per frequency pair (the scaling generator only).
+  RoPE pairs          -> ||Q^(j)||^2 - ||K^(j)||^2 per frequency pair (the scaling generator only),
+  one-sided norm scale -> ||w||^2 + b^2 of the rows a normalisation reads (no consumer side: G_in = 0).
 Translations act affinely: the sum of the shifted rows is a linear law. Discrete factors give none.
 Computed in float64 (from any dtype) and differentiable, so trackers can take its gradient.
 """
@@ -212,7 +213,18 @@ LAW_FORMULAS = {
     "general-linear": "entries of X_out^T X_out - X_in^T X_in per unit (e.g. Q^T Q - K^T K, V^T V - O^T O per KV group)",
     "rotation-scaling": "||X_out^(j)||^2 - ||X_in^(j)||^2 per unit and RoPE frequency pair j",
     "translation": "sum over the shifted rows (and biases), linear",
+    "norm-scale": "||w||^2 + b^2 of the rows a normalisation reads, per unit (the norm makes them scale-invariant)",
 }
+
+
+def _caveat(f: Factor) -> str:
+    """Why a law may hold only approximately or only in training (norm scales with eps > 0 / batch statistics)."""
+    notes = []
+    if getattr(f, "eps", 0.0) > 0:
+        notes.append(f"approximate: the norm's eps={f.eps:g} > 0 breaks exact scale invariance")
+    if getattr(f, "training_only", False):
+        notes.append("training mode only (batch statistics)")
+    return f" [{'; '.join(notes)}]" if notes else ""
 
 
 def describe_laws(spec: Spec) -> str:
@@ -223,7 +235,7 @@ def describe_laws(spec: Spec) -> str:
         f = spec.factors[fam.factor]
         shape = " x ".join(str(s) for s in fam.shape)
         kind = "linear" if fam.linear else "quadratic"
-        lines.append(f"  {fam.factor}: {fam.count} {kind} ({f.kind}, {shape}): {LAW_FORMULAS.get(fam.kind, fam.kind)}")
+        lines.append(f"  {fam.factor}: {fam.count} {kind} ({f.kind}, {shape}): {LAW_FORMULAS.get(fam.kind, fam.kind)}{_caveat(f)}")
     lawless = [n for n in spec.factor_order if spec.factors[n].n_laws == 0 and spec.factors[n].is_continuous]
     if lawless:
         lines.append(f"  continuous factors without a law: {', '.join(lawless)}")

@@ -62,7 +62,8 @@ def load_model(model_name: str) -> tuple[nn.Module, "Spec", int | None, str]:  #
             return model.float().train(), spec, vocab, "float32"
     config = named_config(model_name)
     model = build_model(config).double().train()
-    return model, spec_for(model), (config.vocab_size if isinstance(config, TransformerConfig) else None), "float64"
+    # the model trains with batch statistics: track the laws of its training-mode group (BatchNorm filter scales)
+    return model, spec_for(model, mode="train"), (config.vocab_size if isinstance(config, TransformerConfig) else None), "float64"
 
 
 def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

@@ -170,6 +170,9 @@ def _check_usage(spec: "Spec") -> None:
                 raise SpecError(f"translation {fname!r} must shift exactly one parameter, shifts {places[fname]}")
             continue
         where = ", ".join(places[fname][:6])
+        if spec.factors[fname].one_sided:
+            _check_one_sided(spec, fname, used)
+            continue
         if "in" not in used:
             raise SpecError(
                 f"factor {fname!r} is only produced (side 'out' on {where}) and never consumed: "
@@ -180,3 +183,24 @@ def _check_usage(spec: "Spec") -> None:
                 f"factor {fname!r} is only consumed (side 'in' on {where}) and never produced: "
                 "add it with side 'out' on the axis that writes these units"
             )
+
+
+def _check_one_sided(spec: "Spec", fname: str, used: set[str]) -> None:
+    """A one-sided factor (a norm scale) acts as ``out`` on the rows a normalisation reads, and never as ``in``."""
+    f = spec.factors[fname]
+    if "in" in used:
+        consumers = [f"{p}[{axis}]" for p, axis, _, on in _uses(spec, fname) if on.side == "in"]
+        raise SpecError(
+            f"factor {fname!r} ({f.kind}) acts on the producer side only, but has side 'in' on {', '.join(consumers[:6])}: "
+            "a following normalisation absorbs it, so no layer consumes it"
+        )
+    if "out" not in used:
+        raise SpecError(f"factor {fname!r} ({f.kind}) must act with side 'out' on the rows its normalisation reads")
+
+
+def _uses(spec: "Spec", fname: str):
+    for pname, ps in spec.params.items():
+        for axis, offset, seg in ps.segments():
+            for on in seg.acts:
+                if on.factor == fname:
+                    yield pname, axis, offset, on

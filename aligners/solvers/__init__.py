@@ -1,10 +1,10 @@
 """One solver per factor kind, in a table: weight matching reads the Spec and dispatches on ``factor.kind``.
 
 Roles: ``sweep`` solvers run once per sweep in random order (permutations of every kind); ``after`` solvers
-run at the end of each sweep (translations); ``canonical`` kinds are fixed before matching by a canonical
-form (positive scalings, balanced); ``parent`` kinds are solved by their parent's solver, which lists them in
-``children`` (sign flips with their permutation, GL / RoPE factors with their heads). A new factor kind adds a
-row here; :func:`aligners.weight_matching` does not change.
+run at the end of each sweep (translations; one-sided norm scales, set to A's unit norms); ``canonical`` kinds
+are fixed before matching by a canonical form (positive scalings, balanced); ``parent`` kinds are solved by their
+parent's solver, which lists them in ``children`` (sign flips with their permutation, GL / RoPE factors with their
+heads). A new factor kind adds a row here; :func:`aligners.weight_matching` does not change.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from symm.errors import SpecError
 from symm.spec import Spec
 
 from .heads import head_step
+from .norm_scale import norm_scale_step
 from .permutation import grouped_permutation_step, permutation_step
 from .state import MatchState
 from .translation import translation_step
@@ -36,6 +37,7 @@ SOLVERS: Mapping[str, KindSolver] = {
     "grouped-permutation": KindSolver("sweep", grouped_permutation_step, frozenset({"sign-flip"})),
     "head-permutation": KindSolver("sweep", head_step, frozenset({"general-linear", "rotation-scaling"})),
     "translation": KindSolver("after", translation_step),
+    "norm-scale": KindSolver("after", norm_scale_step),
     "positive-scaling": KindSolver("canonical"),
     "sign-flip": KindSolver("parent"),
     "general-linear": KindSolver("parent"),

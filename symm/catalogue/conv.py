@@ -6,15 +6,41 @@ describe the norm's input, which is not rescaled). GroupNorm: a channel permutat
 to norm groups (a grouped permutation). LayerNorm over (C, H, W) ties channels to positions: not supported
 as a channel symmetry here. Average pooling commutes with every per-channel factor; max pooling commutes
 with permutations and positive scaling but not with sign flips.
+
+Modes: ``"eval"`` (the default, what aligners use) is the group of the function with fixed running statistics.
+``"train"`` adds what batch statistics create: BatchNorm in training mode normalises each channel by its own batch
+statistics, so the filter feeding it may be rescaled per channel, weights and bias together (a one-sided
+:class:`~symm.factors.NormScale`, law ||w_c||^2 + b_c^2); exact only with eps = 0 (torch refuses eps = 0 in training
+mode; eps = 1e-300 behaves as 0), approximate at torch's default 1e-5. (It also makes the filter's bias gradient
+vanish, a per-channel bias translation that is not catalogued.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..factors import NormScale
 from ..spec import Fragment, On, param
 from .mlp import linear
 from .units import Units, channels
+
+#: ``"eval"``: the symmetries of the function with fixed norm statistics; ``"train"``: plus those of batch statistics
+SPEC_MODES = ("eval", "train")
+#: torch.nn.BatchNorm2d's default epsilon
+BATCHNORM_EPS = 1e-5
+
+
+def check_mode(mode: str) -> str:
+    if mode not in SPEC_MODES:
+        raise ValueError(f"mode must be one of {SPEC_MODES}, got {mode!r}")
+    return mode
+
+
+def batchnorm_scale(name: str, units: Units, norm: str, eps: float = BATCHNORM_EPS) -> NormScale:
+    """Per-channel scale of the layer feeding BatchNorm ``norm`` in training mode: n(a x) = n(x) over the batch."""
+    if units.perm is None:
+        raise ValueError(f"factor {name!r}: channels feeding {norm!r} need a permutation factor to index the scale")
+    return NormScale(name, units.n, parent=units.perm.name, norm=f"{norm} (BatchNorm, batch statistics)", eps=eps, training_only=True)
 
 
 def conv2d(prefix: str, c_out: int, c_in: int, kernel: tuple[int, int], out: Sequence[On] | None, inn: Sequence[On] | None, bias: bool = True) -> Fragment:
@@ -57,10 +83,16 @@ def cnn(
     norm: str = "none",
     groups: int = 1,
     bias: bool = True,
+    mode: str = "eval",
+    bn_eps: float = BATCHNORM_EPS,
 ) -> Fragment:
-    """conv -> [norm] -> activation (-> pooling) blocks, then flatten and a linear head of ``head_pixels`` per channel."""
+    """conv -> [norm] -> activation (-> pooling) blocks, then flatten and a linear head of ``head_pixels`` per channel.
+
+    ``mode="train"`` with BatchNorm adds each conv's per-channel norm scale (see the module docstring).
+    """
     if norm not in ("none", "batch", "group"):
         raise ValueError(f"norm must be 'none', 'batch' or 'group', got {norm!r}")
+    train_bn = check_mode(mode) == "train" and norm == "batch"
     frag = Fragment()
     inn: list[On] | None = None
     c_in = in_channels
@@ -69,6 +101,11 @@ def cnn(
         units = channels(f"{name}.channels", width, activation, groups=groups if norm == "group" else None)
         frag = frag + Fragment.of(units.factors)
         conv_out = units.out(with_child=norm == "none")
+        if train_bn:
+            scale = batchnorm_scale(f"{name}.bn_scale", units, norm_names[i], bn_eps)
+            note = f"{name}: BatchNorm in training mode absorbs a per-channel scale of the filter (law ||w_c||^2 + b_c^2)"
+            frag = frag + Fragment.of([scale], notes=[note])
+            conv_out = conv_out + [On(scale.name, "out")]
         frag = frag + conv2d(name, width, c_in, kernel, conv_out, inn, bias)
         if norm == "batch":
             frag = frag + batchnorm(norm_names[i], units)

@@ -4,7 +4,9 @@ One permutation acts on the experts and the router rows (and router bias) togeth
 own MLP group, batched along the expert axis (permuting experts reorders their factors: a wreath product).
 Router translation (a common shift of all router rows / biases) by gating:
   dense softmax, top-k softmax (k >= 2), top-1 softmax: softmax(z + c) = softmax(z): a symmetry;
-  sigmoid (normalised or not): no translation (a shift changes every sigmoid).
+  sigmoid (top-k, renormalised over the k), sigmoid-raw (every expert, not normalised), normsigmoid (every expert,
+  sigma(z_e) / sum sigma(z)): no translation (a shift changes every sigmoid, and the normalisation does not undo it:
+  only where every gate is small, sigma(z) ~ e^z, does the normalised form approach a softmax).
 Shared experts (and their sigmoid gate) are not routed: they stay put and keep their own MLP group.
 """
 
@@ -17,15 +19,17 @@ from ..spec import Fragment, On, Segment, Shift, param
 from .mlp import swiglu
 from .units import Units, activation_group
 
-GATINGS = ("dense", "topk", "top1", "sigmoid")
-Gating = Literal["dense", "topk", "top1", "sigmoid"]
+GATINGS = ("dense", "topk", "top1", "sigmoid", "sigmoid-raw", "normsigmoid")
+Gating = Literal["dense", "topk", "top1", "sigmoid", "sigmoid-raw", "normsigmoid"]
+#: gatings whose router allows a common translation (softmax)
+SOFTMAX_GATINGS = ("dense", "topk", "top1")
 
 
 def has_translation(gating: str) -> bool:
     """Whether a common shift of router logits leaves the gate values unchanged."""
     if gating not in GATINGS:
         raise ValueError(f"gating must be one of {GATINGS}, got {gating!r}")
-    return gating != "sigmoid"
+    return gating in SOFTMAX_GATINGS
 
 
 def router(prefix: str, n_experts: int, d_model: int, gating: str, stream: Units, experts: str, bias: bool = False) -> Fragment:
@@ -44,7 +48,7 @@ def router(prefix: str, n_experts: int, d_model: int, gating: str, stream: Units
     if has_translation(gating):
         note = f"{prefix}: {gating} softmax gating adds a common translation of the router rows"
     else:
-        note = f"{prefix}: sigmoid gating allows no router translation (only the expert permutation)"
+        note = f"{prefix}: {gating} gating allows no router translation (only the expert permutation)"
     return Fragment.of(factors, params, notes=[note])
 
 

@@ -3,7 +3,7 @@
 from .base import SIDES, Factor, Side
 from .linear import GeneralLinear, PairLayout, RotationScaling
 from .permutation import GroupedPermutation, HeadPermutation, Permutation
-from .scaling import PositiveScaling, SignFlip
+from .scaling import NormScale, PositiveScaling, SignFlip
 from .translation import Translation
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "GeneralLinear",
     "GroupedPermutation",
     "HeadPermutation",
+    "NormScale",
     "PairLayout",
     "Permutation",
     "PositiveScaling",

@@ -37,6 +37,9 @@ class Factor:
     is_permutation = False
     #: True for factors with continuous (Lie-group) parameters.
     is_continuous = False
+    #: True for factors that act on the producer side (``out``) only: nothing consumes their units with the inverse,
+    #: a normalisation that follows absorbs them (e.g. a filter's scale before BatchNorm in training mode).
+    one_sided = False
 
     def __post_init__(self) -> None:
         if not self.name:

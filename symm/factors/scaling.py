@@ -1,4 +1,5 @@
-"""Per-unit diagonal factors: positive rescaling (ReLU-like units) and sign flips (odd activations)."""
+"""Per-unit diagonal factors: positive rescaling (ReLU-like units), one-sided norm scales (a following normalisation
+absorbs them) and sign flips (odd activations)."""
 
 from __future__ import annotations
 
@@ -33,12 +34,11 @@ class _Diagonal(Factor):
 
 
 @dataclass(frozen=True)
-class PositiveScaling(_Diagonal):
-    """(R_{>0})^n: ``out`` multiplies unit i by a_i, ``in`` divides by a_i. Lie algebra: diagonal."""
+class _PositiveDiagonal(_Diagonal):
+    """(R_{>0})^n per unit: shared by the positive kinds (elements ``exp(xi)``, Lie algebra: diagonal)."""
 
     log_std: float = 0.5
 
-    kind = "positive-scaling"
     is_continuous = True
 
     @property
@@ -78,7 +78,47 @@ class PositiveScaling(_Diagonal):
     def check_element(self, element: torch.Tensor) -> None:
         super().check_element(element)
         if not bool((element > 0).all()):
-            raise ValueError(f"factor {self.name!r}: positive scaling needs every entry > 0")
+            raise ValueError(f"factor {self.name!r}: {self.kind} needs every entry > 0")
+
+
+@dataclass(frozen=True)
+class PositiveScaling(_PositiveDiagonal):
+    """(R_{>0})^n: ``out`` multiplies unit i by a_i, ``in`` divides by a_i. Lie algebra: diagonal."""
+
+    kind = "positive-scaling"
+
+
+@dataclass(frozen=True)
+class NormScale(_PositiveDiagonal):
+    """(R_{>0})^n on the producer side only: unit i's rows (and bias) times a_i, absorbed by a normalisation that follows.
+
+    n(a x) = n(x) for a > 0 when n normalises by the unit's own statistics (BatchNorm in training mode: per channel
+    over the batch; per-head QK RMSNorm: per head over head_dim). No consumer divides by a_i, so the factor only ever
+    acts with side ``out``; its law is 1/2 (||w_i||^2 + b_i^2). ``norm`` names the absorbing normalisation, ``eps``
+    its epsilon: with eps > 0, n(a x) != n(x) exactly, and invariance and law hold only approximately.
+    ``training_only``: the invariance needs batch statistics (absent in eval mode, where running statistics are fixed).
+    """
+
+    norm: str = ""
+    eps: float = 0.0
+    training_only: bool = False
+
+    kind = "norm-scale"
+    one_sided = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.eps >= 0.0:
+            raise ValueError(f"factor {self.name!r}: eps must be >= 0, got {self.eps}")
+
+    def _describe_extra(self) -> str:
+        mode = ", training mode only" if self.training_only else ""
+        return f" absorbed by {self.norm or 'a normalisation'} (eps={self.eps:g}{mode})"
+
+    def apply(self, x: torch.Tensor, element: torch.Tensor, side: Side, repeat: int, block: int) -> torch.Tensor:
+        if side != "out":
+            raise ValueError(f"factor {self.name!r}: a norm scale acts on the producer side only (side 'out'), got {side!r}")
+        return super().apply(x, element, side, repeat, block)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedArchitecture
+from ..catalogue.conv import check_mode
 from ..spec import Spec
 from .cnn import CNN, CNNConfig, cnn_spec
 from .mlp import MLP, MLPConfig, mlp_spec
@@ -31,8 +32,19 @@ MODEL_CLASSES = {
 }
 
 
-def spec_for(model_or_config: nn.Module | object) -> Spec:
-    """The Spec of a reference model (or of its config)."""
+#: builders that take ``mode`` (their models have batch statistics or mode-aware entries)
+MODE_AWARE = (CNNConfig, TransformerConfig)
+#: models without batch statistics: their training-mode spec is their eval spec
+NO_BATCH_STATISTICS = (MLPConfig, ResidualMLPConfig, SmallCNNConfig)
+
+
+def spec_for(model_or_config: nn.Module | object, mode: str = "eval") -> Spec:
+    """The Spec of a reference model (or of its config).
+
+    ``mode="eval"`` (aligners): the group of the function with fixed norm statistics. ``mode="train"`` (laws of
+    training): plus the symmetries of batch statistics, e.g. a filter's per-channel scale before BatchNorm.
+    """
+    check_mode(mode)
     config = getattr(model_or_config, "config", model_or_config)
     builder = SPEC_BUILDERS.get(type(config))
     if builder is None:
@@ -40,7 +52,13 @@ def spec_for(model_or_config: nn.Module | object) -> Spec:
             f"no spec builder for {type(model_or_config).__name__}; reference models: "
             + ", ".join(c.__name__ for c in MODEL_CLASSES.values())
         )
-    return builder(config)
+    if mode == "eval" or isinstance(config, NO_BATCH_STATISTICS):
+        return builder(config)
+    if isinstance(config, MODE_AWARE):
+        return builder(config, mode=mode)
+    raise UnsupportedArchitecture(
+        f"{type(config).__name__}: no training-mode spec yet (its BatchNorm scales are not catalogued); use mode='eval'"
+    )
 
 
 def build_model(config: object) -> nn.Module:

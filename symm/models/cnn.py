@@ -78,7 +78,8 @@ class CNN(nn.Module):
         return shapes
 
 
-def cnn_spec(config: CNNConfig) -> Spec:
+def cnn_spec(config: CNNConfig, mode: str = "eval") -> Spec:
+    """``mode="train"``: BatchNorm with batch statistics adds per-channel filter scales (:func:`symm.catalogue.cnn`)."""
     n = len(config.widths)
     frag = catalogue.cnn(
         conv_names=[f"convs.{i}" for i in range(n)],
@@ -92,5 +93,7 @@ def cnn_spec(config: CNNConfig) -> Spec:
         activation=config.activation,
         norm=config.norm,
         groups=config.groups,
+        mode=mode,
     )
-    return Spec(frag, name=f"cnn{list(config.widths)}-{config.norm}-{config.activation}")
+    suffix = "-train" if mode == "train" and config.norm == "batch" else ""
+    return Spec(frag, name=f"cnn{list(config.widths)}-{config.norm}-{config.activation}{suffix}")

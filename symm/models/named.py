@@ -1,4 +1,9 @@
-"""Small reference models by name (for the CLI: ``symm laws mlp-relu``, later ``symm laws verify --model``)."""
+"""Small reference models by name (for the CLI: ``symm laws mlp-relu``, ``symm laws verify --model cnn-batchnorm``).
+
+``cnn-batchnorm`` trains with batch statistics: ``symm laws verify`` tracks it with its training-mode spec
+(``spec_for(config, mode="train")``), which adds a per-channel filter-scale law ahead of each BatchNorm (approximate:
+torch's BatchNorm eps is 1e-5).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,11 @@ NAMED_CONFIGS = {
     "attention-rope-interleaved": TransformerConfig(vocab_size=128, pe="rope", rope_layout="interleaved", ffn="swiglu"),
     "moe-softmax": TransformerConfig(vocab_size=128, ffn="moe", gating="topk"),
     "moe-sigmoid": TransformerConfig(vocab_size=128, ffn="moe", gating="sigmoid"),
+    # per-head QK-norm (Qwen3) with eps = 0, which makes its scale invariance (and the norm-scale laws) exact;
+    # with Qwen3's eps = 1e-6 (the config default) they hold only approximately (README, "Conservation laws")
+    "attention-qknorm": TransformerConfig(vocab_size=128, pe="rope", n_kv_heads=2, ffn="swiglu", qk_norm=True, qk_norm_eps=0.0),
+    # sigmoid gates normalised over all experts: no router translation (the seed's Theorem 4.7 claims a law)
+    "moe-normsigmoid": TransformerConfig(vocab_size=128, ffn="moe", gating="normsigmoid"),
 }
 
 

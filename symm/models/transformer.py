@@ -1,6 +1,6 @@
 """Reference decoder-only transformer LM: PE in {none, sinusoidal, learned, rope}, FFN in {relu, gelu, silu,
-swiglu, moe}, MoE gating in {dense, topk, top1, sigmoid}, optional shared expert, LayerNorm or RMSNorm,
-tied or untied embeddings, grouped-query attention."""
+swiglu, moe}, MoE gating in {dense, topk, top1, sigmoid, sigmoid-raw, normsigmoid}, optional shared expert,
+LayerNorm or RMSNorm, tied or untied embeddings, grouped-query attention, optional per-head QK-norm (Qwen3)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import catalogue
-from ..catalogue.attention import AttentionShape
+from ..catalogue.attention import QK_NORM_EPS, AttentionShape
+from ..catalogue.conv import check_mode
 from ..catalogue.units import Units
 from ..spec import Fragment, Spec, param
 from .activations import activation_fn
@@ -43,6 +44,8 @@ class TransformerConfig:
     norm: str = "layer"
     tied: bool = False
     attn_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of q and k over head_dim, before RoPE (Qwen3)
+    qk_norm_eps: float = QK_NORM_EPS
 
     def __post_init__(self) -> None:
         if self.pe not in catalogue.PE_KINDS:
@@ -51,6 +54,8 @@ class TransformerConfig:
             raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
         if self.norm not in ("layer", "rms"):
             raise ValueError(f"norm must be 'layer' or 'rms', got {self.norm!r}")
+        if not self.qk_norm_eps >= 0.0:
+            raise ValueError(f"qk_norm_eps must be >= 0, got {self.qk_norm_eps}")
         catalogue.has_translation(self.gating)
         if self.gating == "top1" and self.top_k != 1:
             object.__setattr__(self, "top_k", 1)
@@ -95,11 +100,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.d_model, c.kv_heads * c.dh, bias=c.attn_bias)
         self.v_proj = nn.Linear(c.d_model, c.kv_heads * c.dh, bias=c.attn_bias)
         self.o_proj = nn.Linear(c.n_heads * c.dh, c.d_model, bias=c.attn_bias)
+        if c.qk_norm:
+            self.q_norm = nn.RMSNorm(c.dh, eps=c.qk_norm_eps)
+            self.k_norm = nn.RMSNorm(c.dh, eps=c.qk_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, (b, t, _) = self.c, x.shape
-        q = self.q_proj(x).view(b, t, c.n_heads, c.dh).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, c.kv_heads, c.dh).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, c.n_heads, c.dh)
+        k = self.k_proj(x).view(b, t, c.kv_heads, c.dh)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, c.kv_heads, c.dh).transpose(1, 2)
         if c.pe == "rope":
             q, k = apply_rope(q, c.rope_base, c.rope_layout), apply_rope(k, c.rope_base, c.rope_layout)
@@ -135,8 +146,14 @@ def gate_weights(logits: torch.Tensor, gating: str, top_k: int) -> torch.Tensor:
     """Per-token expert weights (N, E), zero for unselected experts.
 
     dense: softmax; topk: softmax, top-k, renormalised over the k; top1: the top softmax probability
-    (not renormalised, Switch-style); sigmoid: sigmoid, top-k, renormalised over the k.
+    (not renormalised, Switch-style); sigmoid: sigmoid, top-k, renormalised over the k; sigmoid-raw: sigmoid of every
+    expert, not normalised; normsigmoid: sigmoid of every expert, normalised over all experts.
     """
+    if gating == "sigmoid-raw":
+        return torch.sigmoid(logits)
+    if gating == "normsigmoid":
+        s = torch.sigmoid(logits)
+        return s / s.sum(-1, keepdim=True)
     probs = torch.sigmoid(logits) if gating == "sigmoid" else torch.softmax(logits, dim=-1)
     if gating == "dense":
         return probs
@@ -226,8 +243,12 @@ def _norm(prefix: str, c: TransformerConfig, stream: Units) -> Fragment:
     return catalogue.layernorm(prefix, stream, bias=c.norm == "layer")
 
 
-def transformer_spec(c: TransformerConfig) -> Spec:
-    """Stream permutation (unless a fixed sinusoidal table pins the stream), attention by PE, FFN by kind."""
+def transformer_spec(c: TransformerConfig, mode: str = "eval") -> Spec:
+    """Stream permutation (unless a fixed sinusoidal table pins the stream), attention by PE (and QK-norm), FFN by kind.
+
+    No batch statistics: ``mode`` ("eval" or "train") gives the same group (a QK-norm's scales hold in both).
+    """
+    check_mode(mode)
     d = c.d_model
     stream = Units.fixed(d) if c.pe == "sinusoidal" else catalogue.stream("stream", d)
     frag = Fragment.of(stream.factors, {"embed.weight": param((c.vocab_size, d), None, stream.out())})
@@ -239,12 +260,14 @@ def transformer_spec(c: TransformerConfig) -> Spec:
     for i in range(c.n_layers):
         b = f"blocks.{i}"
         frag = frag + _norm(f"{b}.norm1", c, stream) + _norm(f"{b}.norm2", c, stream)
-        frag = frag + catalogue.attention(f"{b}.attn", shape, c.pe, stream, bias=(c.attn_bias,) * 4, rope_layout=c.rope_layout)
+        frag = frag + catalogue.attention(
+            f"{b}.attn", shape, c.pe, stream, bias=(c.attn_bias,) * 4, rope_layout=c.rope_layout, qk_norm=c.qk_norm, qk_norm_eps=c.qk_norm_eps
+        )
         frag = frag + _ffn_fragment(f"{b}.ffn", c, stream)
     frag = frag + _norm("norm", c, stream)
     if not c.tied:
         frag = frag + Fragment.of(params={"lm_head.weight": param((c.vocab_size, d), None, stream.inn())})
-    return Spec(frag, name=f"transformer-{c.pe}-{c.ffn}" + (f"-{c.gating}" if c.ffn == "moe" else ""))
+    return Spec(frag, name=f"transformer-{c.pe}-{c.ffn}" + (f"-{c.gating}" if c.ffn == "moe" else "") + ("-qknorm" if c.qk_norm else ""))
 
 
 def _ffn_fragment(prefix: str, c: TransformerConfig, stream: Units) -> Fragment:
