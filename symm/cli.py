@@ -73,8 +73,10 @@ def _cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spec_of_target(args: argparse.Namespace):
-    """The Spec of ``args.target``: an HF folder or config.json, a bare state dict, or a reference model name."""
+def _spec_of_target(args: argparse.Namespace, mode: str = "eval"):
+    """The Spec of ``args.target``: an HF folder or config.json, a bare state dict, or a reference model name.
+
+    ``mode="train"`` (laws): a reference model's training-mode spec (adds BatchNorm filter scales)."""
     from .adapters import infer_spec, spec_from_hf
     from .io import load_state_dict
     from .models import spec_for
@@ -83,7 +85,7 @@ def _spec_of_target(args: argparse.Namespace):
     target = Path(args.target)
     if not target.exists():
         if args.target in NAMED_CONFIGS or not any(c in args.target for c in "/\\."):
-            return spec_for(named_config(args.target))
+            return spec_for(named_config(args.target), mode=mode)
         raise SymmError(f"{target}: no such file or folder")
     if target.is_dir():
         return _describe_folder(target)
@@ -109,7 +111,7 @@ def _cmd_laws(args: argparse.Namespace) -> int:
         return _cmd_laws_verify(args)
     from .laws import describe_laws
 
-    print(describe_laws(_spec_of_target(args)))
+    print(describe_laws(_spec_of_target(args, mode="train")))
     return 0
 
 

@@ -202,3 +202,30 @@ def test_controls_are_reported_as_broken_by_the_model(tmp_path, model, kinds):
     for c in controls:
         assert c["verdict"] == "broken by the model", c
         assert c["max_residual"] > 1e6 * max(law_residual, 1e-17)
+
+
+def test_verdict_for_approximate_laws_and_per_family_noether():
+    """A norm scale with eps > 0 holds only approximately: its residual is reported as that, not blamed on the
+    optimizer; and each family carries its own Noether residual (an approximate family does not taint exact ones)."""
+    from symm.law_tracker import verdict
+    from symm.models import build_model, spec_for
+    from symm.models.named import named_config
+
+    assert verdict(1e-6, 1e-3, 1e-5, 0.0, approximate_eps=1e-5).startswith("approximate (normalisation eps=1e-05)")
+    assert verdict(1e-6, 1e-3, 1e-8, 0.0) == "broken by the optimizer"
+    assert verdict(1e-16, 1e-3, 1e-16, 0.0, approximate_eps=1e-5) == "drift explained by discrete steps"
+    torch.manual_seed(0)
+    config = named_config("cnn-batchnorm")  # torch's BatchNorm eps 1e-5
+    model = build_model(config).double().train()
+    spec = spec_for(config, mode="train")
+    x, y = torch.rand(64, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = LawTracker(model, spec, opt)
+    for _ in range(10):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    fams = {f["kind"]: f for f in tracker.report().families}
+    assert fams["norm-scale"]["verdict"].startswith("approximate"), fams["norm-scale"]
+    assert fams["positive-scaling"]["noether"] < 1e-3 * fams["norm-scale"]["noether"], fams
+    tracker.close()
