@@ -1,4 +1,4 @@
-"""Command line: ``symm demo``, ``symm align``, ``symm describe``, ``symm laws`` and ``symm zoo``.
+"""Command line: ``symm demo``, ``symm align``, ``symm describe``, ``symm laws``, ``symm zoo`` and ``symm metanet``.
 
 Every failure ends with one line ``symm: error: ...`` and exit status 2 (130 on Ctrl-C), never a traceback
 (``-v`` logs it).
@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .zoo.cli import add_zoo_parser
 
     add_zoo_parser(sub)
+    from metanets.cli import add_metanet_parser
+
+    add_metanet_parser(sub)
     return parser
 
 
