@@ -10,11 +10,14 @@ all its uses on that side. This one formula gives
   RoPE pairs          -> ||Q^(j)||^2 - ||K^(j)||^2 per frequency pair (the scaling generator only),
   one-sided norm scale -> ||w||^2 + b^2 of the rows a normalisation reads (no consumer side: G_in = 0).
 Translations act affinely: the sum of the shifted rows is a linear law. Discrete factors give none.
-Computed in float64 (from any dtype) and differentiable, so trackers can take its gradient.
+Computed in float64 (from any dtype) and differentiable, so trackers can take its gradient. :class:`LawPlan`
+evaluates the same quantities for repeated use (a tracker's every step) with the layers stacked and far fewer
+operations (not differentiable).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,7 +25,7 @@ from functools import lru_cache
 import torch
 
 from .factors import Factor
-from .spec import Spec
+from .spec import On, Spec
 from .views import segment_of, unit_blocks
 
 
@@ -240,3 +243,257 @@ def describe_laws(spec: Spec) -> str:
     if lawless:
         lines.append(f"  continuous factors without a law: {', '.join(lawless)}")
     return "\n".join(lines)
+
+
+# ----- repeated evaluation (a tracker's every step) -----------------------------------------------------------------
+
+
+@dataclass
+class _PlanUse:
+    """One use shared by the stacked families of a group, and the float64 buffer its segments are copied into."""
+
+    names: list[str]  # the parameter holding this use, per stacked family
+    axis: int
+    offset: int
+    size: int
+    on: On
+    units: int
+    unit_size: int
+    out: bool
+    buffer: torch.Tensor  # full: (L, *b, units, r, 2, u, M); diagonal: (L, *b, units, r, u, 2, M)
+    dest: list[list[torch.Tensor]]  # [slot][family]: views of the buffer shaped like ``LawPlan._source``
+    strided: tuple  # (shape, size, stride, offset): ``_source`` of a contiguous tensor of ``shape`` as one as_strided
+    grad_weight: torch.Tensor | None = None  # (L,): 1 / how often each family's parameter is read (0: not derivable)
+
+
+@dataclass
+class _PlanGroup:
+    """Quadratic families with one structure (one per layer), evaluated together."""
+
+    uses: list[_PlanUse]
+    diagonal: bool  # every generator (and its square) is diagonal on a unit: only the Grams' diagonals are needed
+    rows: int  # L * prod(batch) * units
+    k: int  # generators per unit
+    positions: torch.Tensor  # (L * count,): where the group's laws sit in the flattened law vector
+    to_terms: torch.Tensor  # sparse (3k, R): value, of_grad, cross from the out - in Grams of both slots
+    to_norms: torch.Tensor  # sparse (k + 1, R): ||grad h||^2 per generator, then the trace, from out + in
+    to_values: torch.Tensor  # sparse (k, R1): value from the out - in Grams of slot 0 alone
+
+
+def _sparse(entries: list[list[tuple[int, float]]], width: int) -> torch.Tensor:
+    """``(len(entries), width)`` sparse matrix: row j has ``value`` at column ``index`` for each ``(index, value)``."""
+    rows = [j for j, e in enumerate(entries) for _ in e]
+    cols = [i for e in entries for i, _ in e]
+    vals = [v for e in entries for _, v in e]
+    return torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1), torch.tensor(vals, dtype=torch.float64),
+                                   (len(entries), width), check_invariants=True).coalesce()
+
+
+class LawPlan:
+    """:func:`law_terms` and :func:`law_vector` of one Spec, for repeated evaluation (a tracker's every step).
+
+    The same numbers up to float round-off, in far fewer operations: families with one structure (the layers of a
+    model) are stacked; every use's segment is copied (converted to float64, exactly) into a preallocated buffer that
+    holds theta and g side by side (two *slots*), and one batched matmul per use gives the Grams theta theta^T,
+    theta g^T and g g^T together. Families whose generators are diagonal on a unit (positive scaling, RoPE pair
+    scalings, norm scales) compute only the Grams' diagonals. The contractions with the generators are sparse.
+    ``load(tensors, slot)`` fills a slot (0: theta, 1: g), ``values()`` evaluates slot 0 (:func:`law_vector`),
+    ``terms()`` both (:func:`law_terms`). The buffers are reused: one plan serves one caller at a time.
+    """
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        fams = law_families(spec)
+        self.total = sum(f.count for f in fams)
+        offsets, start = {}, 0
+        for fam in fams:
+            offsets[fam.factor] = start
+            start += fam.count
+        similar: dict[tuple, list[LawFamily]] = {}
+        self.linear: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []  # (param, summed axis, positions, buffer)
+        for fam in fams:
+            if fam.linear:
+                ((pname, shift),) = spec.shifts_of(fam.factor)
+                pos = torch.arange(offsets[fam.factor], offsets[fam.factor] + fam.count)
+                self.linear.append((pname, shift.axis, pos, torch.zeros(2, *spec.params[pname].shape, dtype=torch.float64)))
+            else:
+                similar.setdefault(self._signature(fam), []).append(fam)
+        self.groups = [self._group(group, offsets) for group in similar.values()]
+        self.names = sorted({n for g in self.groups for use in g.uses for n in use.names} | {p for p, *_ in self.linear})
+        self._grad_weights()
+        self.grad_square = 0.0  # set by terms(): sum over ``grad_names`` of ||g||^2, from the Grams' diagonals
+
+    def _grad_weights(self) -> None:
+        """Which parameters' squared gradient norms the Grams give: those whose every entry the laws read equally
+        often (c times: weight 1/c); ``grad_names`` lists them."""
+        reads = {n: torch.zeros(self.spec.params[n].shape, dtype=torch.int32) for n in self.names}
+        for group in self.groups:
+            for use in group.uses:
+                for n in use.names:
+                    reads[n].narrow(use.axis, use.offset, use.size).add_(1)
+        for p, *_ in self.linear:
+            reads[p].add_(1)
+        weight = {n: 1.0 / int(c.max()) for n, c in reads.items() if c.numel() and int(c.min()) == int(c.max()) > 0}
+        self.grad_names = frozenset(weight)
+        for group in self.groups:
+            for use in group.uses:
+                use.grad_weight = torch.tensor([weight.get(n, 0.0) for n in use.names], dtype=torch.float64)
+        self._linear_grad_weight = [weight.get(p, 0.0) for p, *_ in self.linear]
+
+    # ----- structure ----------------------------------------------------------------------------
+    def _signature(self, fam: LawFamily) -> tuple:
+        """Families with equal signatures (same shapes, uses and generators) are stacked into one group."""
+        spec, f = self.spec, self.spec.factors[fam.factor]
+        mats = _symmetric_matrices(f)
+        uses = tuple(
+            (spec.params[p].shape, axis, offset, segment_of(spec, p, axis, offset).size, on.side, on.repeat, on.block, on.batch_axis)
+            for p, axis, offset, on in spec.uses(fam.factor)
+        )
+        return fam.shape, f.unit_size, tuple(mats.shape), mats.numpy().tobytes(), uses
+
+    def _group(self, fams: list[LawFamily], offsets: dict[str, int]) -> _PlanGroup:
+        spec = self.spec
+        f0 = spec.factors[fams[0].factor]
+        mats = _symmetric_matrices(f0)
+        k, u, n_fam = mats.shape[0], f0.unit_size, len(fams)
+        squares = mats @ mats
+        off = ~torch.eye(u, dtype=torch.bool)
+        diagonal = not bool((mats[:, off] != 0).any() or (squares[:, off] != 0).any())
+        per_family = [spec.uses(fam.factor) for fam in fams]
+        uses = []
+        for j, (pname, axis, offset, on) in enumerate(per_family[0]):
+            size = segment_of(spec, pname, axis, offset).size
+            units = spec.factors[on.factor].level_units(size // (on.repeat * on.block))
+            shape = spec.params[pname].shape
+            lead = [shape[on.batch_axis]] if on.batch_axis is not None else []
+            others = [s for a, s in enumerate(shape) if a not in (axis, on.batch_axis)]
+            m = on.block * math.prod(others)
+            if diagonal:  # per unit entry, its theta and g vectors side by side: (2, M)
+                buf = torch.zeros(n_fam, *lead, units, on.repeat, u, 2, m, dtype=torch.float64)
+                dest = [[buf[i].select(-2, w).unflatten(-1, (on.block, *others)) for i in range(n_fam)] for w in range(2)]
+            else:  # per unit, its theta and g matrices stacked: (2u, M)
+                buf = torch.zeros(n_fam, *lead, units, on.repeat, 2, u, m, dtype=torch.float64)
+                dest = [[buf[i].select(-3, w).unflatten(-1, (on.block, *others)) for i in range(n_fam)] for w in range(2)]
+            use = _PlanUse([uses_l[j][0] for uses_l in per_family], axis, offset, size, on, units, u, on.side == "out", buf, dest, ())
+            view = self._source(torch.empty(shape, device="meta"), use)
+            use.strided = (tuple(shape), tuple(view.shape), view.stride(), view.storage_offset())
+            uses.append(use)
+        rows = n_fam * math.prod(f0.batch) * f0.count
+        positions = torch.cat([torch.arange(offsets[fam.factor], offsets[fam.factor] + fam.count) for fam in fams])
+
+        def pos(width: int, w1: int, a: int, w2: int, b: int) -> int:
+            """Flat index of the Gram entry (slot w1, unit entry a) x (slot w2, entry b) with ``width`` slots."""
+            if diagonal:
+                return (a * width + w1) * width + w2  # (u, W, W) per unit: a == b
+            return (w1 * u + a) * (width * u) + (w2 * u + b)  # (W u, W u) per unit
+
+        def nonzeros(m: torch.Tensor) -> list[tuple[int, int, float]]:
+            return [(int(a), int(b), float(m[a, b])) for a, b in zip(*torch.nonzero(m, as_tuple=True))]
+
+        terms = [[(pos(2, w1, a, w2, b), c * v) for a, b, v in nonzeros(mats[i])] for w1, w2, c in ((0, 0, 0.5), (1, 1, 0.5), (0, 1, 1.0)) for i in range(k)]
+        norms = [[(pos(2, 0, a, 0, b), v) for a, b, v in nonzeros(squares[i])] for i in range(k)] + [[(pos(2, 0, a, 0, a), 1.0) for a in range(u)]]
+        values = [[(pos(1, 0, a, 0, b), 0.5 * v) for a, b, v in nonzeros(mats[i])] for i in range(k)]
+        r2, r1 = (u * 4, u) if diagonal else (4 * u * u, u * u)
+        return _PlanGroup(uses, diagonal, rows, k, positions, _sparse(terms, r2), _sparse(norms, r2), _sparse(values, r1))
+
+    # ----- data ---------------------------------------------------------------------------------
+    @staticmethod
+    def _source(x: torch.Tensor, use: _PlanUse) -> torch.Tensor:
+        """``(*b, units, r, u, block, *other axes)``: a view of the segment of ``x`` a use reads."""
+        if use.strided and x.is_contiguous() and x.shape == use.strided[0]:
+            _, size, stride, offset = use.strided
+            return x.as_strided(size, stride, x.storage_offset() + offset)
+        on = use.on
+        seg = x.narrow(use.axis, use.offset, use.size)
+        if on.batch_axis is None:
+            moved, n_lead = seg.movedim(use.axis, 0), 0
+        else:
+            moved, n_lead = seg.movedim((on.batch_axis, use.axis), (0, 1)), 1
+        return moved.unflatten(n_lead, (use.units, on.repeat, use.unit_size, on.block))
+
+    @torch.no_grad()
+    def load(self, tensors: Mapping[str, torch.Tensor], slot: int) -> None:
+        """Copy, as float64, every segment the laws read from ``tensors`` into ``slot`` (0: theta, 1: g); a missing
+        name counts as zero."""
+        for group in self.groups:
+            for use in group.uses:
+                for dest, name in zip(use.dest[slot], use.names):
+                    x = tensors.get(name)
+                    if x is None:
+                        dest.zero_()
+                    else:
+                        dest.copy_(self._source(x, use))
+        for pname, _, _, buf in self.linear:
+            x = tensors.get(pname)
+            if x is None:
+                buf[slot].zero_()
+            else:
+                buf[slot].copy_(x)
+
+    @staticmethod
+    def _grams(group: _PlanGroup, width: int, grad_square: list | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(out, in)``: per unit, the Grams of the first ``width`` slots summed over the uses on that side (and over
+        shared repeats), flattened: ``(rows, (W u)^2)``, or ``(rows, u W^2)`` for diagonal groups. ``grad_square``
+        (width 2) collects the weighted squared norms of the gradient segments."""
+        sides: list[torch.Tensor | None] = [None, None]
+        n_fam = len(group.uses[0].names)
+        for use in group.uses:
+            m, u = use.buffer.shape[-1], use.unit_size
+            if group.diagonal:
+                mat = use.buffer.view(-1, 2, m)[:, :width]  # (rows r u, W, M)
+            else:
+                mat = use.buffer.view(-1, 2 * u, m)[:, : width * u]  # (rows r, W u, M)
+            gram = torch.bmm(mat, mat.transpose(1, 2))
+            if grad_square is not None:
+                gg = gram[:, 1, 1] if group.diagonal else gram[:, u:, u:].diagonal(dim1=-2, dim2=-1)
+                grad_square.append(gg.reshape(n_fam, -1).sum(1) @ use.grad_weight)
+            gram = gram.view(group.rows, use.on.repeat, -1)
+            gram = gram.sum(1) if use.on.repeat > 1 else gram[:, 0]
+            i = 0 if use.out else 1
+            sides[i] = gram if sides[i] is None else sides[i] + gram
+        return sides[0], sides[1]
+
+    @staticmethod
+    def _combine(g_out: torch.Tensor | None, g_in: torch.Tensor | None, sign: float) -> torch.Tensor:
+        if g_in is None:
+            return g_out
+        if g_out is None:
+            return sign * g_in
+        return g_out + sign * g_in
+
+    @torch.no_grad()
+    def values(self) -> torch.Tensor:
+        """Every law's value at the tensors loaded in slot 0, as :func:`law_vector`."""
+        out = torch.empty(self.total, dtype=torch.float64)
+        for group in self.groups:
+            d = self._combine(*self._grams(group, 1), -1.0)
+            out[group.positions] = torch.sparse.mm(group.to_values, d.T).T.reshape(-1)
+        for _, axis, pos, buf in self.linear:
+            out[pos] = buf[0].sum(axis).reshape(-1)
+        return out
+
+    @torch.no_grad()
+    def terms(self) -> LawTerms:
+        """:class:`LawTerms` at the theta loaded in slot 0 for the gradient in slot 1, as :func:`law_terms`."""
+        out = torch.empty(5, self.total, dtype=torch.float64)
+        grad_square: list[torch.Tensor] = []
+        for group in self.groups:
+            g_out, g_in = self._grams(group, 2, grad_square)
+            d, s = self._combine(g_out, g_in, -1.0), self._combine(g_out, g_in, 1.0)
+            k, rows = group.k, group.rows
+            vd = torch.sparse.mm(group.to_terms, d.T)  # (3k, rows): value, of_grad, cross
+            vs = torch.sparse.mm(group.to_norms, s.T)  # (k + 1, rows): ||grad h||^2, then the trace
+            out[:3, group.positions] = vd.view(3, k, rows).transpose(1, 2).reshape(3, -1)
+            out[3, group.positions] = vs[:k].T.reshape(-1)
+            out[4, group.positions] = vs[k:].T.expand(rows, k).reshape(-1)
+        for (_, axis, pos, buf), weight in zip(self.linear, self._linear_grad_weight):
+            theta, gsum = buf[0], buf[1].sum(axis).reshape(-1)
+            if weight:
+                grad_square.append(weight * buf[1].pow(2).sum())
+            out[0, pos] = theta.sum(axis).reshape(-1)
+            out[1, pos] = gsum
+            out[2, pos] = gsum
+            out[3, pos] = float(theta.shape[axis])
+            out[4, pos] = theta.pow(2).sum()
+        self.grad_square = float(torch.stack(grad_square).sum()) if grad_square else 0.0
+        return LawTerms(*out.unbind(0))

@@ -229,3 +229,93 @@ def test_verdict_for_approximate_laws_and_per_family_noether():
     assert fams["norm-scale"]["verdict"].startswith("approximate"), fams["norm-scale"]
     assert fams["positive-scaling"]["noether"] < 1e-3 * fams["norm-scale"]["noether"], fams
     tracker.close()
+
+
+def _train_with_edits(one_pass: bool, edit: str, steps: int = 6):
+    """mlp-relu, float64, plain SGD; after step 3 the first layer's weight is edited (or the records are read, as a
+    Trainer log would) before step 4's forward pass."""
+    torch.manual_seed(0)
+    model = build_model(CASES["mlp-relu"]).double().train()
+    spec = spec_for(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    tracker = LawTracker(model, spec, opt, one_pass=one_pass)
+    first = next(p for n, p in model.named_parameters() if n.endswith("weight"))
+    gen = torch.Generator().manual_seed(1)
+    edited = {}
+    for step in range(1, steps + 1):
+        x = torch.randn(32, 64, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 10, (32,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if step == 3:
+            before = state_dict_of(model)
+            if edit == "data":  # invisible to autograd's version counter
+                first.data.mul_(0.5)
+            elif edit == "no_grad":
+                with torch.no_grad():
+                    first.add_(0.01)
+            elif edit == "replace":
+                first.data = first.data * 1.5
+            elif edit == "read records":
+                assert len(tracker.records) == 3
+            edited = {"before": before, "after": state_dict_of(model)}
+    tracker.close()
+    return tracker, spec, model, edited
+
+
+@pytest.mark.parametrize("edit", ["data", "no_grad", "replace", "read records"])
+def test_one_pass_falls_back_when_the_weights_change_between_steps(edit):
+    """One Gram pass per step: h(theta') of step k is taken as h(theta) of step k+1 only if the weights are exactly
+    unchanged in between (checked against a snapshot). An edit between steps, even through ``p.data`` (which autograd's
+    version counters do not see), is caught: no step's drift includes it, the records equal a two-pass tracker's and
+    the plain-SGD residual stays at round-off; the edit shows only in h(final) - h(initial) - sum of drifts."""
+    from symm.laws import law_vector
+
+    one, spec, model, edited = _train_with_edits(True, edit)
+    two, *_ = _train_with_edits(False, edit)
+    assert [r.step for r in one.records] == [r.step for r in two.records] == list(range(1, 7))
+    for a, b in zip(one.records, two.records):
+        assert float(((a.drift - b.drift).abs() / a.scale).max()) <= 1e-14
+        assert float(((a.predicted - b.predicted).abs() / a.scale).max()) <= 1e-14
+        assert float((a.noether_per_law - b.noether_per_law).abs().max()) <= 1e-14
+    assert float(one.residuals().abs().max()) <= 1e-9
+    assert float(one.relative_drifts().abs().max()) > 1e-7
+    unexplained = law_vector(spec, state_dict_of(model)) - one.initial - torch.stack([r.drift for r in one.records]).sum(0)
+    edit_effect = law_vector(spec, edited["after"]) - law_vector(spec, edited["before"])
+    scale = one.records[-1].scale
+    assert float(((unexplained - edit_effect).abs() / scale).max()) <= 1e-12
+    if edit == "read records":
+        assert float(edit_effect.abs().max()) == 0.0
+    else:
+        assert float((edit_effect.abs() / scale).max()) > 1e-3  # a change no step's drift may absorb
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("weights", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_law_plan_matches_the_reference_terms(name, weights):
+    """The tracker's batched evaluation (stacked layers, one Gram of theta and g per use, sparse contractions) gives
+    law_terms and law_vector up to float round-off, from weights of any float dtype."""
+    from symm.laws import LawPlan, law_terms, law_vector
+
+    torch.manual_seed(0)
+    model = build_model(CASES[name]).to(weights)
+    spec = spec_for(model)
+    gen = torch.Generator().manual_seed(2)
+    params = {k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=weights) for k, v in state_dict_of(model).items()}
+    grads = {k: torch.randn(v.shape, generator=gen, dtype=weights) for k, v in list(params.items())[1:]}  # one missing: zero
+    plan = LawPlan(spec)
+    plan.load(params, 0)
+    plan.load(grads, 1)
+    terms = plan.terms()
+    ref = law_terms(spec, {k: v.double() for k, v in params.items()}, {k: v.double() for k, v in grads.items()})
+    assert len(ref.value) > 0
+    grad_scale = ref.scale.max() + float(sum(g.double().pow(2).sum() for g in grads.values()))
+    for field in ("value", "of_grad", "cross", "grad_norm2", "scale"):
+        assert float((getattr(terms, field) - getattr(ref, field)).abs().max()) <= 1e-13 * float(grad_scale), field
+    assert float(((plan.values() - law_vector(spec, params)).abs() / ref.scale).max()) <= 1e-13
+    # the squared gradient norm over the weights the laws read, from the Grams' diagonals where they give it
+    touched = plan.names
+    expected = sum(float(grads[k].double().pow(2).sum()) for k in touched if k in grads)
+    direct = sum(float(grads[k].double().pow(2).sum()) for k in touched if k in grads and k not in plan.grad_names)
+    assert plan.grad_names and abs(plan.grad_square + direct - expected) <= 1e-13 * expected
