@@ -14,7 +14,6 @@ prediction is exact only for laws whose weights are all decayed.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .errors import UsageError
 from .law_tracker import LawTracker, control_report
 from .laws import law_families
-from .laws_verify import _per_law, plot_laws
-from .publish import OutputLock, discard, make_staging, publish, recover
+from .laws_verify import _per_law, publish_report
 from .spec import Spec
 
 log = logging.getLogger(__name__)
@@ -67,16 +65,7 @@ def write_report(out: str | Path, report: dict, tracker: LawTracker) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} is a file, not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with OutputLock(out):
-        recover(out)
-        stage = make_staging(out)
-        try:
-            (stage / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-            plot_laws(tracker, stage / "laws.png", f"{report['model']}, {report['optimizer']} lr={report['lr']} (Trainer)")
-            publish(stage, out, ["laws.png", "report.json"])
-        except BaseException:
-            discard(stage)
-            raise
+    publish_report(out, report, tracker, f"{report['model']}, {report['optimizer']} lr={report['lr']} (Trainer)")
 
 
 class LawTrackerCallback(TrainerCallback):

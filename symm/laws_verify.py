@@ -184,14 +184,19 @@ def verify(out: str | Path, **kwargs) -> dict:
         raise UsageError(f"--out {out} is a file, not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     report, tracker = run_verify(**kwargs)
+    publish_report(out, report, tracker, f"{report['model']}, {report['optimizer']} lr={report['lr']} wd={report['weight_decay']}")
+    return report
+
+
+def publish_report(out: Path, report: dict, tracker: LawTracker, title: str) -> None:
+    """Write ``report.json`` and ``laws.png`` into ``out`` all at once (staged, then renamed under a lock)."""
     with OutputLock(out):
         recover(out)
         stage = make_staging(out)
         try:
             (stage / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-            plot_laws(tracker, stage / "laws.png", f"{report['model']}, {report['optimizer']} lr={report['lr']} wd={report['weight_decay']}")
+            plot_laws(tracker, stage / "laws.png", title)
             publish(stage, out, ["laws.png", "report.json"])
         except BaseException:
             discard(stage)
             raise
-    return report
