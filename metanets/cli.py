@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 MODELS = ("equivariant", "statnn", "mlp", "hparams", "quasi")
 BASELINE_CLASSES = {"statnn": "StatNN", "mlp": "FlatMLP", "hparams": "HParamsMLP"}
-QUASI_MESSAGE = "quasi-equivariant metanetworks are not implemented yet"
 CHECKPOINT = "model"
 REPORT = "report.json"
 SCATTER = "scatter.png"
@@ -43,6 +42,7 @@ class EquivariantConfig:
     hidden: int = 16
     depth: int = 2
     head_hidden: int = 64
+    alpha_bound: float = 1.0  # quasi only: alpha = exp(b tanh(.)) per unit and channel
 
     @property
     def arch_config(self) -> object:
@@ -51,19 +51,24 @@ class EquivariantConfig:
         return config_from_json(json.loads(self.arch))
 
 
-def _zoo_metanet_class():
+def _zoo_metanet_class(quasi: bool = False):
+    """The checkpointable class of the Spec-derived metanet: ``ZooEquivariantMetaNet`` or ``ZooQuasiMetaNet``."""
     from flax import nnx
 
     from symm.models import spec_for
 
     from .equivariant import EquivariantMetaNet
+    from .quasi import QuasiMetaNet
 
-    class ZooEquivariantMetaNet(EquivariantMetaNet):
-        """:class:`EquivariantMetaNet` of one architecture's Spec, with a ``config`` (checkpointable)."""
+    base = QuasiMetaNet if quasi else EquivariantMetaNet
+
+    class ZooMetaNet(base):
+        """The metanet of one architecture's Spec, with a ``config`` (checkpointable)."""
 
         def __init__(self, config: EquivariantConfig, *, rngs: nnx.Rngs) -> None:
+            extra = {"alpha_bound": config.alpha_bound} if quasi else {}
             super().__init__(spec_for(config.arch_config), hidden=config.hidden, depth=config.depth,
-                             head_hidden=config.head_hidden, rngs=rngs)
+                             head_hidden=config.head_hidden, rngs=rngs, **extra)
             self.config = config
 
         @staticmethod
@@ -73,14 +78,15 @@ def _zoo_metanet_class():
                 raise UsageError(f"equivariant config: unknown fields {sorted(unknown)}")
             return EquivariantConfig(**data)
 
-    return ZooEquivariantMetaNet
+    ZooMetaNet.__name__ = ZooMetaNet.__qualname__ = "ZooQuasiMetaNet" if quasi else "ZooEquivariantMetaNet"
+    return ZooMetaNet
 
 
 def _loadable_models() -> dict[str, type]:
     from .baselines import BASELINES
 
-    cls = _zoo_metanet_class()
-    return {**BASELINES, cls.__name__: cls}
+    classes = [_zoo_metanet_class(False), _zoo_metanet_class(True)]
+    return {**BASELINES, **{cls.__name__: cls for cls in classes}}
 
 
 # ----- parser ---------------------------------------------------------------------------------------------------
@@ -100,8 +106,8 @@ def add_metanet_parser(sub) -> None:
     tr = msub.add_parser("train", help="train a metanetwork on a zoo view; report tau and R^2 per split and transformation")
     tr.add_argument("--zoo", type=Path, required=True, help="zoo folder (symm zoo make); only read")
     tr.add_argument("--model", choices=MODELS, default="equivariant",
-                    help="equivariant (Spec-derived), statnn, mlp (flattened weights), hparams (hyperparameters only); "
-                         "quasi: not implemented yet")
+                    help="equivariant (Spec-derived, permutations), quasi (Spec-derived, permutations x scalings: "
+                         "canonical scale + per-channel alpha), statnn, mlp (flattened weights), hparams (hyperparameters only)")
     tr.add_argument("--select", action="append", default=[], metavar="COL=VALUE",
                     help="keep rows whose column equals VALUE (a,b: any of them); repeatable, e.g. --select activation=relu")
     tr.add_argument("--final", action="store_true", help="keep only the last checkpoint of every run")
@@ -109,6 +115,9 @@ def add_metanet_parser(sub) -> None:
     tr.add_argument("--batch-size", type=int, default=32)
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--weight-decay", type=float, default=1e-4)
+    tr.add_argument("--hidden", type=int, default=16, help="equivariant/quasi: channels of the equivariant layers (default 16)")
+    tr.add_argument("--depth", type=int, default=2, help="equivariant/quasi: equivariant layers (default 2)")
+    tr.add_argument("--head-hidden", type=int, default=64, help="equivariant/quasi: hidden units of the invariant head (default 64; baselines use 128-128)")
     tr.add_argument("--patience", type=int, default=20, help="early stopping after N epochs without a better val tau (0: off)")
     tr.add_argument("--seed", type=int, default=0, help="seed of the split, the model's init, shuffling and transformations")
     tr.add_argument("--fractions", type=_fractions, default=(0.8, 0.1, 0.1), help="train,val,test run fractions (default 0.8,0.1,0.1)")
@@ -185,8 +194,8 @@ def _archs(view) -> dict[str, int]:
     return {str(a): int(c) for a, c in zip(names, counts)}
 
 
-def build_model(kind: str, view, splits, seed: int):
-    """A fresh model of ``kind`` for the view and its class name and config JSON."""
+def build_model(kind: str, view, splits, seed: int, *, hidden: int = 16, depth: int = 2, head_hidden: int = 64):
+    """A fresh model of ``kind`` (one of :data:`MODELS`) for the view."""
     from flax import nnx
 
     from symm.zoo.manifest import config_to_json
@@ -194,14 +203,19 @@ def build_model(kind: str, view, splits, seed: int):
     from .baselines import BASELINES, BaselineConfig
 
     train_data = splits["train"]
-    if kind == "equivariant":
+    if hidden < 1 or depth < 1 or head_hidden < 1:
+        raise UsageError(f"--hidden, --depth and --head-hidden must be positive, got {hidden}, {depth}, {head_hidden}")
+    if kind in ("equivariant", "quasi"):
         archs = _archs(view)
         if len(archs) > 1:
-            raise UsageError(f"the equivariant metanetwork is built from one architecture's symmetry group, but this view "
+            raise UsageError(f"the {kind} metanetwork is built from one architecture's symmetry group, but this view "
                              f"mixes {len(archs)} architectures {archs}; select one, e.g. --select activation=relu "
                              "(or --select arch=ID)")
-        cfg = EquivariantConfig(json.dumps(config_to_json(view.architectures[next(iter(archs))]), sort_keys=True))
-        model = _zoo_metanet_class()(cfg, rngs=nnx.Rngs(seed))
+        cfg = EquivariantConfig(json.dumps(config_to_json(view.architectures[next(iter(archs))]), sort_keys=True),
+                                hidden=hidden, depth=depth, head_hidden=head_hidden)
+        model = _zoo_metanet_class(kind == "quasi")(cfg, rngs=nnx.Rngs(seed))
+    elif kind not in BASELINE_CLASSES:
+        raise UsageError(f"unknown metanet model {kind!r} (known: {', '.join(MODELS)})")
     else:
         cfg = BaselineConfig(train_data.shapes, int(train_data.hparams.shape[1]))
         model = BASELINES[BASELINE_CLASSES[kind]](cfg, rngs=nnx.Rngs(seed))
@@ -281,8 +295,6 @@ def _split_info(splits) -> dict:
 
 # ----- commands -------------------------------------------------------------------------------------------------
 def _cmd_train(args: argparse.Namespace) -> int:
-    if args.model == "quasi":
-        raise UsageError(QUASI_MESSAGE)
     t0 = time.perf_counter()
     check_out(args.out, args.zoo)
     selection = parse_selection(args.select)
@@ -292,7 +304,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
                          patience=args.patience, seed=args.seed)
     view, splits = load_view_splits(args.zoo, selection, args.final, args.fractions, args.seed)
-    model = build_model(args.model, view, splits, args.seed)
+    model = build_model(args.model, view, splits, args.seed, hidden=args.hidden, depth=args.depth, head_hidden=args.head_hidden)
     t_load = time.perf_counter() - t0
     start = time.perf_counter()
     result = train(model, splits["train"], splits["val"], config, progress=not args.quiet)

@@ -121,9 +121,13 @@ class EquivariantMetaNet(nnx.Module):
         self.head1 = nnx.Linear(pooled_size(self.plan, hidden), head_hidden, rngs=rngs)
         self.head2 = nnx.Linear(head_hidden, 1, rngs=rngs)
 
+    def virtual(self, weights: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Real ``[B, *shape]`` weights -> virtual ``[B, *sub-axes]`` tensors (what the trunk reads, before scaling)."""
+        return self.nf.split({k: jnp.asarray(v) for k, v in weights.items()}, lead=1)
+
     def features(self, weights: Mapping[str, jax.Array]) -> Features:
         """Real ``[B, *shape]`` weights -> virtual ``[B, *sub-axes, 1]`` features, scaled."""
-        virtual = self.nf.split({k: jnp.asarray(v) for k, v in weights.items()}, lead=1)
+        virtual = self.virtual(weights)
         scale = self.input_scale[...]
         return {k: (virtual[k] / scale[i])[..., None] for i, k in enumerate(self.names)}
 
@@ -145,7 +149,7 @@ class EquivariantMetaNet(nnx.Module):
         targets, masks = [], []
         for b in batches:
             mask = np.asarray(b.get("mask", np.ones(len(b["target"]))), dtype=np.float64)
-            virtual = self.nf.split({k: np.asarray(v) for k, v in b["weights"].items()}, lead=1)
+            virtual = {k: np.asarray(v) for k, v in self.virtual(b["weights"]).items()}
             for i, k in enumerate(self.names):
                 sq[i] += float((mask.reshape(-1, *[1] * (virtual[k].ndim - 1)) * virtual[k].astype(np.float64) ** 2).sum()) / max(virtual[k][0].size, 1)
             count += mask.sum()

@@ -83,10 +83,24 @@ def test_baseline_train_and_eval(zoo_dir, tmp_path):
     assert again["metrics"]["test"]["scale10"]["kendall_tau"] == pytest.approx(report["metrics"]["test"]["scale10"]["kendall_tau"], abs=1e-5)
 
 
-def test_quasi_is_refused(zoo_dir, tmp_path, capsys):
+def test_quasi_train_and_eval_is_scale_invariant(zoo_dir, tmp_path):
     out = tmp_path / "q"
-    assert main(["metanet", "train", "--zoo", str(zoo_dir), "--model", "quasi", "--out", str(out)]) == 2
-    assert "quasi-equivariant metanetworks are not implemented yet" in capsys.readouterr().err
+    assert main(["metanet", "train", "--zoo", str(zoo_dir), "--model", "quasi", "--hidden", "4", "--depth", "1", *QUICK,
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["class"] == "ZooQuasiMetaNet" and report["model"]["config"]["hidden"] == 4
+    t = report["metrics"]["test"]
+    for name in ("permutation", "scale10", "scale1000"):  # invariant to permutations and scalings: same ranking
+        assert t[name]["kendall_tau"] == pytest.approx(t["original"]["kendall_tau"], abs=1e-6)
+    assert main(["metanet", "eval", "--model", str(out), "--zoo", str(zoo_dir), "--out", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert again["metrics"]["test"]["scale1000"]["r2"] == pytest.approx(t["scale1000"]["r2"], abs=1e-5)
+
+
+def test_bad_model_sizes_are_refused(zoo_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["metanet", "train", "--zoo", str(zoo_dir), "--model", "quasi", "--hidden", "0", *QUICK, "--out", str(out)]) == 2
+    assert "--hidden" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
