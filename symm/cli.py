@@ -1,4 +1,4 @@
-"""Command line: ``symm demo``, ``symm align``, ``symm describe``, ``symm laws``, ``symm zoo`` and ``symm metanet``.
+"""Command line: ``symm demo``, ``symm align``, ``symm merge``, ``symm describe``, ``symm laws``, ``symm zoo`` and ``symm metanet``.
 
 Every failure ends with one line ``symm: error: ...`` and exit status 2 (130 on Ctrl-C), never a traceback
 (``-v`` logs it).
@@ -70,6 +70,32 @@ def _cmd_align(args: argparse.Namespace) -> int:
     )
     print(report["models"]["architecture"])
     _print_report(report)
+    return 0
+
+
+def _merge_weights(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from None
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from aligners.merge_job import merge
+
+    if args.quiet:
+        _quiet_libraries()
+    report = merge(args.inputs, args.out, method=args.method, weights=args.weights, data=args.data, activation=args.activation,
+                   max_rounds=args.rounds, seed=args.seed, backend=args.backend, overwrite=args.overwrite, progress=not args.quiet)
+    print(report["architecture"])
+    print(f"{report['method']} matching (MergeMany): {report['rounds']} rounds, converged {report['converged']}, "
+          f"{report['timings_s']['align']:.2f} s; data: {report['data']}")
+    for i, m in enumerate(report["models"]):
+        print(f"input {i}: loss {m['loss']:.4f}  accuracy {m['accuracy']:.4f}  ({m['path']})")
+    for name in ("naive_average", "merged"):
+        print(f"{name.replace('_', ' ')}: loss {report[name]['loss']:.4f}  accuracy {report[name]['accuracy']:.4f}")
+    outs = report["outputs"]
+    print(f"wrote {outs['merged']}, {len(outs['aligned'])} aligned inputs, {outs['report']}, {outs['plot']}")
     return 0
 
 
@@ -214,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--repair", action="store_true", help="also plot the aligned path with REPAIR renormalisation of hidden units")
     al.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     al.set_defaults(func=_cmd_align)
+
+    mg = sub.add_parser("merge", help="align N checkpoints into the first one's frame (MergeMany) and average them")
+    mg.add_argument("inputs", nargs="+", help="checkpoints (at least 2): .safetensors/.pt state dicts or Hugging Face folders, one architecture")
+    mg.add_argument("--method", choices=["weights", "activations"], default="weights")
+    mg.add_argument("--weights", type=_merge_weights, help="comma-separated positive weights of the average, one per input (default: uniform)")
+    mg.add_argument("--data", choices=["digits", "mnist1d", "text"], help="evaluation data (default: digits/mnist1d by input size; text for LMs)")
+    mg.add_argument("--activation", choices=ACTIVATIONS, help="activation of a bare dense chain (state dicts only; see `symm align --help`)")
+    mg.add_argument("--rounds", type=int, default=20, help="most MergeMany rounds (default 20; stops earlier when a round changes nothing)")
+    mg.add_argument("--out", default="merge_out", help="output folder (default: merge_out); created, or must be a folder")
+    mg.add_argument("--seed", type=int, default=0)
+    mg.add_argument("--backend", choices=["auto", "jv", "scipy", "lapx"], default="auto", help="linear-assignment solver")
+    mg.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never overwritten)")
+    mg.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    mg.set_defaults(func=_cmd_merge)
 
     describe = sub.add_parser("describe", help="print the symmetry group of a checkpoint")
     describe.add_argument("target", help="a Hugging Face model folder or config.json, or a .pt/.pth/.bin/.safetensors state dict")
