@@ -1,5 +1,5 @@
 """The merge job: N checkpoints in, their MergeMany average + every aligned input + report + plot out
-(``symm merge A B C ...``).
+(``symm merge A B C ...``; ``--method weights|activations|ste``).
 
 Same discipline as ``symm align`` (:mod:`aligners.job`): arguments and outputs are checked before any work, the
 output folder is locked, every input is loaded and validated against the first (format, architecture, keys,
@@ -38,7 +38,7 @@ from .outputs import check_same_function, disk_size, make_parents, preflight, re
 
 log = logging.getLogger(__name__)
 
-MERGE_METHODS = ("weights", "activations")
+MERGE_METHODS = ("weights", "activations", "ste")
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,11 @@ def plan_merge(paths: Sequence[Path], hf: bool, out: str | os.PathLike) -> Merge
     return MergePlan(Path(out), Path(os.path.realpath(os.path.abspath(out))), merged, copies)
 
 
-def check_merge_arguments(paths: Sequence, method: str, weights: Sequence[float] | None, activation: str | None, data: str | None) -> None:
+def check_merge_arguments(paths: Sequence, method: str, weights: Sequence[float] | None, activation: str | None, data: str | None,
+                          ste_steps: int = 100) -> None:
     """Argument checks made before anything is read or written."""
+    if ste_steps < 0:
+        raise UsageError(f"--ste-steps must be >= 0, got {ste_steps}")
     if len(paths) < 2:
         raise UsageError(f"symm merge needs at least 2 checkpoints, got {len(paths)}")
     if method not in MERGE_METHODS:
@@ -97,20 +100,25 @@ def merge(
     data: str | None = None,
     activation: str | None = None,
     max_rounds: int = 20,
+    ste_steps: int = 100,
     seed: int = 0,
     backend: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Merge the checkpoints at ``paths`` (see the module docstring); returns the report."""
-    check_merge_arguments(paths, method, weights, activation, data)
+    check_merge_arguments(paths, method, weights, activation, data, ste_steps)
     paths = [Path(p) for p in paths]
     for p in paths:
         _check_input_kind(p)
     kinds = {is_hf_folder(p) for p in paths}
     if len(kinds) > 1:
         raise CheckpointError("cannot merge Hugging Face folders with bare state dicts: give inputs of one kind")
-    plan = plan_merge(paths, kinds.pop(), out_dir)
+    hf = kinds.pop()
+    if hf and method == "ste":
+        raise UsageError("--method ste needs a differentiable loss on training data: supported for state-dict classifiers "
+                         "(digits / mnist1d), not yet for Hugging Face folders; use --method weights or activations")
+    plan = plan_merge(paths, hf, out_dir)
     need = int(1.1 * sum(disk_size(p) for p in paths) + 1.1 * disk_size(paths[0])) + 1_000_000
     preflight(plan, paths, None, need_bytes=need)
     created = make_parents(plan.real.parent)
@@ -121,7 +129,7 @@ def merge(
         preflight(plan, paths, overwrite)
         stage = make_staging(plan.real)
         fault_point("locked")
-        report = _run(paths, plan, stage, method, weights, data, activation, max_rounds, seed, backend, progress)
+        report = _run(paths, plan, stage, method, weights, data, activation, max_rounds, ste_steps, seed, backend, progress)
         publish(stage, plan.real, plan.names)
         return report
     except OSError as exc:
@@ -136,7 +144,7 @@ def merge(
         remove_empty(created)
 
 
-def _run(paths, plan: MergePlan, stage: Path, method, weights, data, activation, max_rounds, seed, backend, progress) -> dict:
+def _run(paths, plan: MergePlan, stage: Path, method, weights, data, activation, max_rounds, ste_steps, seed, backend, progress) -> dict:
     t0 = time.perf_counter()
     ckpts = [load_checkpoint(p) for p in paths]
     spec, task, explanation = resolve(ckpts[0], ckpts[1], activation, data)
@@ -156,6 +164,8 @@ def _run(paths, plan: MergePlan, stage: Path, method, weights, data, activation,
     if method == "activations":
         def matcher(target, p, init):  # noqa: E306 - activation correlations against the current target
             return activation_matching(spec, task.model, target, p, task.inputs, seed=seed, backend=backend, progress=False)
+    elif method == "ste":
+        matcher = _ste_matcher(spec, task, dtype, ste_steps, seed, backend)
     result = merge_many(spec, params, weights=weights, max_rounds=max_rounds, seed=seed, backend=backend, matcher=matcher,
                         progress=progress, names=[str(p) for p in paths])
     t_align = time.perf_counter() - t1
@@ -176,6 +186,7 @@ def _run(paths, plan: MergePlan, stage: Path, method, weights, data, activation,
         "architecture": explanation,
         "spec": {"name": spec.name, "factors": len(spec.factors), "parameters": len(spec.params)},
         "method": method,
+        **({"ste_steps": ste_steps} if method == "ste" else {}),
         "weights": list(result.weights),
         "data": task.data_name,
         "rounds": result.info.rounds,
@@ -188,6 +199,34 @@ def _run(paths, plan: MergePlan, stage: Path, method, weights, data, activation,
     }
     _write(stage, plan, ckpts, aligned_stored, result, stored, report)
     return report
+
+
+def _ste_matcher(spec, task: Task, dtype: torch.dtype, steps: int, seed: int, backend: str):
+    """STE of each model against its MergeMany target, on the classifier's training split (batches of 128; the
+    projection with the lowest midpoint loss on 512 training samples is kept)."""
+    from symm.evaluate import functional
+
+    from .job import _split
+    from .ste import ste_matching
+
+    split = _split(task.data_name)
+    x, y = split.x_train.to(dtype), split.y_train
+    f = functional(task.model)
+
+    def loss_fn(params, batch):
+        return torch.nn.functional.cross_entropy(f(params, batch[0]), batch[1])
+
+    def batches():
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            for idx in torch.randperm(len(x), generator=gen).split(128):
+                yield x[idx], y[idx]
+
+    def match(target, params, init):
+        return ste_matching(spec, loss_fn, target, params, batches, steps=steps, init=init, seed=seed, backend=backend,
+                            eval_batch=(x[:512], y[:512]), progress=False)
+
+    return match
 
 
 def _scores(task: Task, params) -> dict[str, float]:

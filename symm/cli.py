@@ -86,7 +86,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.quiet:
         _quiet_libraries()
     report = merge(args.inputs, args.out, method=args.method, weights=args.weights, data=args.data, activation=args.activation,
-                   max_rounds=args.rounds, seed=args.seed, backend=args.backend, overwrite=args.overwrite, progress=not args.quiet)
+                   max_rounds=args.rounds, ste_steps=args.ste_steps, seed=args.seed, backend=args.backend, overwrite=args.overwrite, progress=not args.quiet)
     print(report["architecture"])
     print(f"{report['method']} matching (MergeMany): {report['rounds']} rounds, converged {report['converged']}, "
           f"{report['timings_s']['align']:.2f} s; data: {report['data']}")
@@ -243,11 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     mg = sub.add_parser("merge", help="align N checkpoints into the first one's frame (MergeMany) and average them")
     mg.add_argument("inputs", nargs="+", help="checkpoints (at least 2): .safetensors/.pt state dicts or Hugging Face folders, one architecture")
-    mg.add_argument("--method", choices=["weights", "activations"], default="weights")
+    mg.add_argument("--method", choices=["weights", "activations", "ste"], default="weights",
+                    help="weight matching (default), activation matching, or straight-through estimation (state-dict classifiers)")
     mg.add_argument("--weights", type=_merge_weights, help="comma-separated positive weights of the average, one per input (default: uniform)")
     mg.add_argument("--data", choices=["digits", "mnist1d", "text"], help="evaluation data (default: digits/mnist1d by input size; text for LMs)")
     mg.add_argument("--activation", choices=ACTIVATIONS, help="activation of a bare dense chain (state dicts only; see `symm align --help`)")
     mg.add_argument("--rounds", type=int, default=20, help="most MergeMany rounds (default 20; stops earlier when a round changes nothing)")
+    mg.add_argument("--ste-steps", type=int, default=100, help="STE optimisation steps per match (default 100)")
     mg.add_argument("--out", default="merge_out", help="output folder (default: merge_out); created, or must be a folder")
     mg.add_argument("--seed", type=int, default=0)
     mg.add_argument("--backend", choices=["auto", "jv", "scipy", "lapx"], default="auto", help="linear-assignment solver")

@@ -65,6 +65,15 @@ def test_merge_three_digits_mlps(digits_three, tmp_path, capsys):
     assert "merged: loss" in capsys.readouterr().out
 
 
+def test_ste_method(digits_three, tmp_path):
+    _, _, paths = digits_three
+    out = tmp_path / "ste"
+    assert main(["merge", *map(str, paths[:2]), "--method", "ste", "--ste-steps", "5", "--rounds", "1", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "ste" and report["ste_steps"] == 5
+    assert report["merged"]["accuracy"] > report["naive_average"]["accuracy"]
+
+
 def test_weighted_merge_and_activation_method(digits_three, tmp_path):
     _, _, paths = digits_three
     out = tmp_path / "w"
@@ -123,6 +132,7 @@ def test_bad_input_exits_2_and_writes_nothing(digits_three, llama_three, tmp_pat
     _fails(["merge", *map(str, paths), "--weights", "1,2"], out, capsys, "2 merge weights for 3")
     _fails(["merge", str(paths[0]), str(llama_three[0])], out, capsys, "Hugging Face")
     _fails(["merge", str(paths[0]), str(tmp_path / "missing.safetensors")], out, capsys, "no such file")
+    _fails(["merge", *map(str, llama_three), "--method", "ste"], out, capsys, "not yet for Hugging Face")
     # an --out inside an input folder is refused
     inside = llama_three[0] / "merged"
     assert main(["merge", *map(str, llama_three), "--out", str(inside), "--quiet"]) == 2
