@@ -108,13 +108,17 @@ def activation_matching(
     backend: str = "auto",
     progress: bool = True,
     info: MatchInfo | None = None,
+    fixed: Mapping[str, torch.Tensor] | None = None,
     **weight_kwargs,
 ) -> GroupElement:
-    """Match hookable units by activation correlation, then everything else by weight matching."""
-    corr = activation_correlations(spec, model, params_a, params_b, inputs, batch_size, progress)
-    fixed: dict[str, torch.Tensor] = {}
+    """Match hookable units by activation correlation, then everything else by weight matching.
+
+    ``fixed``: factor values decided elsewhere (kept exactly; their units are not matched by activations)."""
+    given = dict(fixed or {})
+    corr = {n: c for n, c in activation_correlations(spec, model, params_a, params_b, inputs, batch_size, progress).items() if n not in given}
+    fixed = dict(given)
     for name, c in corr.items():
-        sign = next((n for n, f in spec.factors.items() if f.parent == name and isinstance(f, SignFlip)), None)
+        sign = next((n for n, f in spec.factors.items() if f.parent == name and isinstance(f, SignFlip) and n not in given), None)
         sigma = linear_assignment(c.abs() if sign else c, backend)
         fixed[name] = sigma
         if sign:

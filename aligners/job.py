@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Checkpoint", "Task", "align", "load_checkpoint", "lm_task", "resolve"]
 
 METHODS = ("weights", "activations")
+#: residual-stream groups a user may ask for (``None``: the largest the model allows)
+STREAMS = ("permutation", "signed")
 DATASETS = ("digits", "mnist1d", "text")
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "gelu", "silu", "any")
 #: an unknown activation is checked under each of these (a permutation-only element must preserve them all)
@@ -163,8 +165,10 @@ def resolve(a: Checkpoint, b: Checkpoint, activation: str | None, data: str | No
     return inferred.spec, _classifier_task(model, split, probes, dtype), explanation
 
 
-def check_arguments(method: str, n_points: int, activation: str | None, data: str | None) -> None:
+def check_arguments(method: str, n_points: int, activation: str | None, data: str | None, stream: str | None = None) -> None:
     """Argument checks made before anything is read or written."""
+    if stream is not None and stream not in STREAMS:
+        raise UsageError(f"--stream must be one of {', '.join(STREAMS)}, got {stream!r}")
     if method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 2:
@@ -186,10 +190,27 @@ def _check_input_kind(path: Path) -> None:
         checkpoint_format(path)
 
 
-def _match(method, spec, task, pa, pb, seed, backend, progress, info):
+def stream_signs(spec: Spec) -> list[str]:
+    """The sign-flip factors of residual streams (children of a permutation named ``*stream``)."""
+    return [n for n, f in spec.factors.items() if f.kind == "sign-flip" and (f.parent or "").endswith("stream")]
+
+
+def stream_group(spec: Spec, stream: str | None) -> tuple[str, dict[str, torch.Tensor]]:
+    """The stream group used (``signed``, ``permutation`` or ``none``) and the factors it fixes at the identity."""
+    signs = stream_signs(spec)
+    has_stream = any(f.kind == "permutation" and n.endswith("stream") for n, f in spec.factors.items())
+    if stream == "signed" and not signs:
+        raise UsageError("--stream signed: this model's residual stream allows no per-channel signs "
+                         "(LayerNorm centres the stream, or the stream is pinned); use --stream permutation")
+    if stream == "permutation":
+        return "permutation", {n: spec.factors[n].identity() for n in signs}
+    return ("signed" if signs else "permutation" if has_stream else "none"), {}
+
+
+def _match(method, spec, task, pa, pb, seed, backend, progress, info, fixed=None):
     if method == "weights":
-        return weight_matching(spec, pa, pb, seed=seed, backend=backend, progress=progress, info=info)
-    return activation_matching(spec, task.model, pa, pb, task.inputs, seed=seed, backend=backend, progress=progress, info=info)
+        return weight_matching(spec, pa, pb, seed=seed, backend=backend, progress=progress, info=info, fixed=fixed)
+    return activation_matching(spec, task.model, pa, pb, task.inputs, seed=seed, backend=backend, progress=progress, info=info, fixed=fixed)
 
 
 def align(
@@ -205,10 +226,13 @@ def align(
     backend: str = "auto",
     overwrite: bool = False,
     use_repair: bool = False,
+    stream: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Align B onto A, measure naive vs aligned barriers, write aligned B, ``report.json`` and ``barrier.png``."""
-    check_arguments(method, n_points, activation, data)
+    """Align B onto A, measure naive vs aligned barriers, write aligned B, ``report.json`` and ``barrier.png``.
+
+    ``stream``: the residual-stream group, ``permutation`` or ``signed`` (default: the largest the model allows)."""
+    check_arguments(method, n_points, activation, data, stream)
     path_a, path_b = Path(path_a), Path(path_b)
     for p in (path_a, path_b):
         _check_input_kind(p)
@@ -222,7 +246,7 @@ def align(
         preflight(plan, [path_a, path_b], overwrite)  # again under the lock, now with existing outputs
         stage = make_staging(plan.real)
         fault_point("locked")
-        outcome = _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress)
+        outcome = _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress, stream)
         _write_and_publish(stage, plan, outcome)
         return outcome.report
     except BaseException:
@@ -246,17 +270,18 @@ class Outcome:
     title: str
 
 
-def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress) -> "Outcome":
+def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress, stream=None) -> "Outcome":
     """Load, align, check the function, measure the barrier; returns everything the writer needs."""
     t0 = time.perf_counter()
     a, b = load_checkpoint(path_a), load_checkpoint(path_b)
     spec, task, explanation = resolve(a, b, activation, data)
+    stream_used, stream_fixed = stream_group(spec, stream)
     dtype, stored = eval_dtype(b.params), storage_dtype(b.params)
     pa, pb = cast(a.params, dtype), cast(b.params, dtype)
     t_load = time.perf_counter() - t0
     fault_point("loaded")
     info, t1 = MatchInfo(), time.perf_counter()
-    g = _match(method, spec, task, pa, pb, seed, backend, progress, info)
+    g = _match(method, spec, task, pa, pb, seed, backend, progress, info, stream_fixed or None)
     t_align = time.perf_counter() - t1
     aligned = act(spec, b.params, g)  # in B's own dtype: this is what is written
     aligned_eval = cast(aligned, dtype)
@@ -272,6 +297,7 @@ def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend
         "models": {"A": str(a.path), "B": str(b.path), "format": a.fmt, "dtype": str(stored)[6:], "architecture": explanation},
         "spec": {"name": spec.name, "factors": len(spec.factors), "parameters": len(spec.params), "continuous_dimension": spec.dimension},
         "method": method,
+        "stream": stream_used,
         "backend": backend,
         "repair": use_repair,
         "data": task.data_name,

@@ -66,7 +66,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
     report = align(
         args.a, args.b, args.out, method=args.method, data=args.data, activation=args.activation, n_points=args.points,
-        seed=args.seed, backend=args.backend, overwrite=args.overwrite, use_repair=args.repair, progress=not args.quiet,
+        seed=args.seed, backend=args.backend, overwrite=args.overwrite, use_repair=args.repair, stream=args.stream,
+        progress=not args.quiet,
     )
     print(report["models"]["architecture"])
     _print_report(report)
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--backend", choices=["auto", "jv", "scipy", "lapx"], default="auto",
                     help="linear-assignment solver (default auto: jv, our warm-started exact solver, from 512 units; scipy below)")
     al.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never overwritten)")
+    al.add_argument("--stream", choices=["permutation", "signed"],
+                    help="residual-stream group: permutations only, or signed permutations (RMSNorm streams). "
+                         "Default: the largest the model allows")
     al.add_argument("--repair", action="store_true", help="also plot the aligned path with REPAIR renormalisation of hidden units")
     al.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     al.set_defaults(func=_cmd_align)

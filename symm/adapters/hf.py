@@ -120,7 +120,7 @@ def _dense_swiglu(b: str, d: int, inner: int, stream: Units) -> Fragment:
 def llama_spec(config) -> Spec:
     """Llama: RoPE (``rotate_half`` pairs), GQA, SwiGLU, RMSNorm, tied or untied head."""
     d = config.hidden_size
-    stream = catalogue.stream("stream", d)
+    stream = catalogue.stream("stream", d, signed=True)  # RMSNorm stream: signed permutations
     frag = _decoder_frame(config, stream)
     bias = bool(getattr(config, "attention_bias", False))
     if getattr(config, "mlp_bias", False):
@@ -147,7 +147,7 @@ def _routed_experts(b: str, config, n_experts: int, d_expert: int, stream: Units
 def mixtral_spec(config) -> Spec:
     """Mixtral: Llama attention; top-k softmax router (renormalised over the k) over fused SwiGLU experts."""
     d = config.hidden_size
-    stream = catalogue.stream("stream", d)
+    stream = catalogue.stream("stream", d, signed=True)  # RMSNorm stream: signed permutations
     frag = _decoder_frame(config, stream)
     for i in range(config.num_hidden_layers):
         b = f"model.layers.{i}"
@@ -160,7 +160,7 @@ def mixtral_spec(config) -> Spec:
 def qwen2_moe_spec(config) -> Spec:
     """Qwen2-MoE: q/k/v biases, top-k softmax routed experts plus a shared SwiGLU expert behind a sigmoid gate."""
     d = config.hidden_size
-    stream = catalogue.stream("stream", d)
+    stream = catalogue.stream("stream", d, signed=True)  # RMSNorm stream: signed permutations
     frag = _decoder_frame(config, stream)
     qkv_bias = bool(getattr(config, "qkv_bias", True))
     for i in range(config.num_hidden_layers):

@@ -96,6 +96,12 @@ def channels(name: str, n: int, activation: str, groups: int | None = None) -> U
     return Units(perm, units.child)
 
 
-def stream(name: str, d: int) -> Units:
-    """A residual stream: one permutation shared by every writer and reader."""
-    return Units(Permutation(name, d))
+def stream(name: str, d: int, signed: bool = False) -> Units:
+    """A residual stream: one permutation shared by every writer and reader.
+
+    ``signed`` (RMSNorm streams): plus a sign per channel, ``{+-1}^d x S_d``. RMSNorm commutes with a diagonal sign
+    matrix S (rms(Sx) = rms(x), g * Sx = S(g * x)), so writers map W -> S W, readers W -> W S and the norm gains stay
+    put (norms use ``out(with_child=False)``). LayerNorm's centring does not commute with S: no sign child there.
+    """
+    perm = Permutation(name, d)
+    return Units(perm, SignFlip(f"{name}.sign", d, parent=name) if signed else None)

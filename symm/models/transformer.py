@@ -250,7 +250,7 @@ def transformer_spec(c: TransformerConfig, mode: str = "eval") -> Spec:
     """
     check_mode(mode)
     d = c.d_model
-    stream = Units.fixed(d) if c.pe == "sinusoidal" else catalogue.stream("stream", d)
+    stream = Units.fixed(d) if c.pe == "sinusoidal" else catalogue.stream("stream", d, signed=c.norm == "rms")
     frag = Fragment.of(stream.factors, {"embed.weight": param((c.vocab_size, d), None, stream.out())})
     if c.pe == "sinusoidal":
         frag = frag + Fragment.of(notes=["additive sinusoidal PE is a fixed buffer: the residual stream cannot be permuted"])
