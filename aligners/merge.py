@@ -2,8 +2,9 @@
 
 Each model i gets a group element g_i. A **round** visits the models in a random order and re-matches each one
 against the weighted mean of the others, already aligned: ``g_i <- weight_matching(mean_{j != i} g_j.theta_j,
-theta_i, init=g_i)``. Rounds stop when a whole round changes no discrete factor (permutations), or after
-``max_rounds``. By default the elements start from pairwise weight matching of every model onto the first
+theta_i, init=g_i)``. Rounds stop when a whole round changes no discrete factor (permutations), when ``patience``
+rounds in a row do not raise the agreement ``sum_{i<j} w_i w_j <g_i.theta_i, g_j.theta_j>`` (real models can
+cycle between equally good matches), or after ``max_rounds``; the elements of the best round are kept. By default the elements start from pairwise weight matching of every model onto the first
 (``init="first"``); ``init="identity"`` starts from the identity, as in the paper. At the end every element is
 composed with ``g_0^{-1}`` and the continuous factors are re-matched to the first model with the permutations
 kept (:func:`pin_frame`): the first model is left exactly as it is, and the others are written in its frame
@@ -44,6 +45,8 @@ class MergeInfo:
     rounds: int = 0
     converged: bool = False
     changed: list[int] = field(default_factory=list)
+    objective: list[float] = field(default_factory=list)  # sum_{i<j} w_i w_j <g_i.theta_i, g_j.theta_j> after each round
+    best_round: int = 0  # the round whose elements are returned (0: the starting elements)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,18 @@ def check_models(spec: Spec, models: Sequence[Params], names: Sequence[str] | No
         assert_finite(params, what=name)
 
 
+def agreement(models: Sequence[Params], weights: Sequence[float]) -> float:
+    """``sum_{i<j} w_i w_j <theta_i, theta_j>`` over floating tensors: what the rounds raise (weight matching of each
+    model against the mean of the others raises its own terms)."""
+    total = 0.0
+    keys = [k for k, v in models[0].items() if torch.is_floating_point(v)]
+    flat = [torch.cat([m[k].reshape(-1).to(torch.float64) for k in keys]) for m in models]
+    for i in range(len(models)):
+        for j in range(i + 1, len(models)):
+            total += weights[i] * weights[j] * float(torch.dot(flat[i], flat[j]))
+    return total
+
+
 def _discrete(spec: Spec, g: GroupElement) -> dict[str, torch.Tensor]:
     return {n: v for n, v in g.values.items() if spec.factors[n].kind in PERMUTATION_KINDS}
 
@@ -133,6 +148,7 @@ def merge_many(
     *,
     weights: Sequence[float] | None = None,
     max_rounds: int = 20,
+    patience: int = 3,
     init: str = "first",
     seed: int = 0,
     backend: str = "auto",
@@ -161,6 +177,8 @@ def merge_many(
                                                                                       disable=not progress, leave=False)]
     aligned = [act(spec, m, g) for m, g in zip(models, elements)]
     info = MergeInfo()
+    best = (agreement(aligned, w), list(elements))
+    stale = 0
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(max_rounds), desc="MergeMany", unit="round", disable=not progress, leave=False)
     for _ in bar:
@@ -176,14 +194,23 @@ def merge_many(
             elements[i], aligned[i] = g, act(spec, models[i], g)
         info.rounds += 1
         info.changed.append(changed)
-        bar.set_postfix(changed=changed)
+        objective = agreement(aligned, w)
+        info.objective.append(objective)
+        bar.set_postfix(changed=changed, objective=f"{objective:.4g}")
+        if objective > best[0] + 1e-9 * abs(best[0]):
+            best, stale, info.best_round = (objective, list(elements)), 0, info.rounds
+        else:
+            stale += 1
         if changed == 0:
             info.converged = True
             break
+        if stale >= patience:  # rounds can cycle between equally good matches: stop and keep the best seen
+            break
+    elements = best[1]
     log.info("MergeMany: %d rounds, converged=%s, changed per round %s", info.rounds, info.converged, info.changed)
     elements = pin_frame(spec, models, elements, seed=seed, backend=backend)
     aligned = [dict(models[0])] + [act(spec, m, g) for m, g in zip(models[1:], elements[1:])]
     return MergeResult(tuple(elements), tuple(aligned), w, weighted_average(aligned, w), info)
 
 
-__all__ = ["INITS", "MergeInfo", "MergeResult", "check_models", "merge_many", "normalise_weights", "pin_frame", "weight_matcher", "weighted_average"]
+__all__ = ["INITS", "MergeInfo", "MergeResult", "agreement", "check_models", "merge_many", "normalise_weights", "pin_frame", "weight_matcher", "weighted_average"]
