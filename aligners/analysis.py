@@ -90,9 +90,13 @@ def singular_report(params_a: Params, params_b: Params, k: int = 8, spec: Spec |
     return {n: singular_alignment(n, ma[n], mb[n], k) for n in ma if n in mb and ma[n].shape == mb[n].shape}
 
 
-def plot_singular(reports: Mapping[str, Mapping[str, SingularAlignment]], path: str | Path, title: str = "") -> None:
-    """One panel per weight matrix: ``|<u_i^A, u_i^B>|`` against ``i`` for every method (``{method: report}``),
-    and the singular values of A on a twin axis."""
+def plot_singular(reports: Mapping[str, Mapping[str, SingularAlignment]], path: str | Path, title: str = "", side: str = "auto") -> None:
+    """One panel per weight matrix: ``|<u_i^A, u_i^B>|`` (``side="u"``, output side) or ``|<v_i^A, v_i^B>|``
+    (``"v"``, input side) against ``i`` for every method (``{method: report}``), and the singular values of A on a
+    twin axis. ``"auto"``: per matrix the larger side (the hidden units of a first or last layer, not the few
+    inputs or classes that no permutation moves)."""
+    if side not in ("auto", "u", "v"):
+        raise ValueError(f"side must be 'auto', 'u' or 'v', got {side!r}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,11 +108,14 @@ def plot_singular(reports: Mapping[str, Mapping[str, SingularAlignment]], path: 
     rows = -(-len(layers) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
     for ax, layer in zip(axes.flat, layers):
+        shape = reports[methods[0]][layer].shape
+        use_v = side == "v" or (side == "auto" and shape[1] > shape[0])
         for method in methods:
             r = reports[method][layer]
-            ax.plot(range(1, len(r.cos_u) + 1), r.cos_u, marker="o", ms=3, label=f"{method} ({r.overlap_u:.2f})")
+            cos, overlap = (r.cos_v, r.overlap_v) if use_v else (r.cos_u, r.overlap_u)
+            ax.plot(range(1, len(cos) + 1), cos, marker="o", ms=3, label=f"{method} ({overlap:.2f})")
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{layer} {reports[methods[0]][layer].shape}", fontsize=8)
+        ax.set_title(f"{layer} {shape}: {'v (input side)' if use_v else 'u (output side)'}", fontsize=8)
         ax.set_xlabel("singular index i", fontsize=7)
         ax.tick_params(labelsize=7)
         sv = reports[methods[0]][layer].sv_a[: len(reports[methods[0]][layer].cos_u)]
@@ -118,7 +125,7 @@ def plot_singular(reports: Mapping[str, Mapping[str, SingularAlignment]], path: 
         ax.legend(fontsize=6, title="method (top-k overlap)", title_fontsize=6)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
-    axes[0][0].set_ylabel("|<u_i^A, u_i^B>|", fontsize=8)
+    axes[0][0].set_ylabel("|<u_i^A, u_i^B>| or |<v_i^A, v_i^B>|", fontsize=8)
     fig.suptitle(title or "top singular vectors of A vs aligned B (dotted: singular values of A)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -131,5 +131,8 @@ def test_singular_alignment_of_a_matrix_with_itself_and_plot(tmp_path):
     assert min(r.cos_u) == pytest.approx(1.0) and len(r.cos_u) == 5
     config = ENTRIES["mlp-relu"]
     a, b = reference_params(config, 0), reference_params(config, 1)
-    plot_singular({"naive": singular_report(a, b), "self": singular_report(a, a)}, tmp_path / "sv.png")
-    assert (tmp_path / "sv.png").read_bytes()[:4] == b"\x89PNG"
+    for side in ("auto", "u", "v"):
+        plot_singular({"naive": singular_report(a, b), "self": singular_report(a, a)}, tmp_path / f"sv-{side}.png", side=side)
+        assert (tmp_path / f"sv-{side}.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="side"):
+        plot_singular({"naive": singular_report(a, b)}, tmp_path / "x.png", side="w")
