@@ -61,7 +61,7 @@ def lmc_curve(
         raise ValueError(f"need at least 2 interpolation points, got {n_points}")
     alphas = [i / (n_points - 1) for i in range(n_points)]
     losses, accs = [], []
-    for t in tqdm(alphas, desc=desc, disable=not progress, leave=False):
+    for t in tqdm(alphas, desc=desc, unit="point", disable=not progress, leave=False):
         mixed = interpolate(a, b, t)
         if correct is not None and 0.0 < t < 1.0:
             mixed = correct(mixed, t)

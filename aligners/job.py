@@ -26,13 +26,14 @@ from symm.action import act
 from symm.adapters import infer_spec, is_hf_folder, spec_from_hf
 from symm.adapters.infer import DenseChain
 from symm.checkpoint import Checkpoint, hf_architecture_difference, load_checkpoint
-from symm.data import Split, TokenSplit, byte_tokens, digits, mnist1d
-from symm.errors import CheckpointError, OutputError, SpecError, UsageError
+from symm.data import Split, TokenSplit, digits, mnist1d
+from symm.errors import CheckpointError, DataError, OutputError, SpecError, UsageError
 from symm.evaluate import functional
 from symm.io import checkpoint_format, compare_state_dicts
 from symm.publish import OutputLock, discard, fault_point, make_staging, publish, recover
 from symm.spec import Spec
 from symm.train import evaluate_classifier
+from symm.user_data import data_kind, folder_tokenizer_tokens, has_tokenizer, limit_samples, load_tensor_split, load_text_tokens
 
 from .activation_matching import activation_matching
 from .barrier import has_batchnorm, naive_vs_aligned, reset_batchnorm
@@ -48,6 +49,8 @@ METHODS = ("weights", "activations")
 #: residual-stream groups a user may ask for (``None``: the largest the model allows)
 STREAMS = ("permutation", "signed")
 DATASETS = ("digits", "mnist1d", "text")
+#: seed of the evaluation data (windows, splits, subsets): the same data whatever ``--seed`` the matching uses
+DATA_SEED = 0
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "gelu", "silu", "any")
 #: an unknown activation is checked under each of these (a permutation-only element must preserve them all)
 PROBE_ACTIVATIONS = ("relu", "tanh", "gelu")
@@ -122,41 +125,93 @@ def _split(name: str) -> Split:
     return {"digits": digits, "mnist1d": mnist1d}[name]()
 
 
-def _resolve_hf(a: Checkpoint, b: Checkpoint, data: str | None, dtype: torch.dtype) -> tuple[Spec, Task, str]:
+def data_path(data: str | None) -> Path | None:
+    """``--data`` as a path (``None`` for a dataset name or no ``--data``)."""
+    return None if data is None or data in DATASETS else Path(data)
+
+
+def check_data(data: str | None, hf: bool, max_tokens: int | None = None, max_samples: int | None = None) -> None:
+    """The data and budgets fit the kind of model (language model or classifier); cheap, before any work."""
+    path = data_path(data)
+    if hf:
+        if max_samples is not None:
+            raise UsageError("--max-samples applies to classifier data; a language model's text is budgeted by --max-tokens")
+        if path is not None and data_kind(path) == "tensors":
+            raise DataError(f"--data {path}: tensors (a .npz/.safetensors file or a folder) are classifier data; "
+                            "a language model is evaluated on a UTF-8 text file")
+        if path is None and data not in (None, "text"):
+            raise CheckpointError(f"language models are evaluated on --data text or a text file, not {data!r}")
+    else:
+        if max_tokens is not None:
+            raise UsageError("--max-tokens applies to a language model's text; classifier data is budgeted by --max-samples")
+        if path is not None and data_kind(path) == "text":
+            raise DataError(f"--data {path}: a text file is language-model data; a dense classifier is evaluated on tensors "
+                            "(a .npz/.safetensors file, or a folder with train.* and test.*)")
+
+
+def _tokenizer_folder(a: Checkpoint, b: Checkpoint) -> Path:
+    """The folder whose tokenizer reads the text: A's, or B's if only B ships one."""
+    return a.path if has_tokenizer(a.path) or not has_tokenizer(b.path) else b.path
+
+
+def _resolve_hf(a: Checkpoint, b: Checkpoint, data: str | None, dtype: torch.dtype, max_tokens: int | None = None) -> tuple[Spec, Task, str]:
     if a.fmt != b.fmt:
         raise CheckpointError(f"cannot align a Hugging Face folder with a bare state dict ({a.path} is {a.fmt}, {b.path} is {b.fmt})")
     difference = hf_architecture_difference(a, b)
     if difference:
         raise SpecError(difference)
     compare_state_dicts(a.params, b.params, (str(a.path), str(b.path)))
-    if data not in (None, "text"):
-        raise CheckpointError(f"language models are evaluated on --data text, not {data!r}")
     spec = spec_from_hf(a.model)
+    vocab, folder, path = a.model.config.vocab_size, _tokenizer_folder(a, b), data_path(data)
+    if path is None:
+        tokens = folder_tokenizer_tokens(folder, vocab, max_tokens=max_tokens, seed=DATA_SEED)
+    else:
+        tokens = load_text_tokens(path, folder, vocab, max_tokens=max_tokens, seed=DATA_SEED)
     a.model.to(dtype)  # evaluation model (B's model keeps its dtype for saving)
-    vocab = a.model.config.vocab_size
     kind = f"Hugging Face {a.model.config.model_type} causal LM ({spec.name})"
-    return spec, lm_task(a.model, byte_tokens(vocab_size=min(vocab, 256), n_train=256, n_test=64), hf=True), kind
+    return spec, lm_task(a.model, tokens, hf=True), kind
 
 
-def resolve(a: Checkpoint, b: Checkpoint, activation: str | None, data: str | None) -> tuple[Spec, Task, str]:
-    """Spec and task for the pair, or a clear error if they are not the same architecture.
+def _user_split(path: Path, d_in: int, d_out: int, max_samples: int | None) -> Split:
+    """A tensor file or folder that fits a ``d_in -> d_out`` classifier."""
+    split = load_tensor_split(path, max_samples=max_samples, seed=DATA_SEED)
+    if split.x_train.shape[1] != d_in:
+        raise DataError(f"--data {path} has {split.x_train.shape[1]} inputs per sample; the model takes {d_in}")
+    if split.n_classes > d_out:
+        raise DataError(f"--data {path} has labels up to {split.n_classes - 1} ({split.n_classes} classes); the model has {d_out} outputs")
+    return split
+
+
+def resolve(
+    a: Checkpoint, b: Checkpoint, activation: str | None, data: str | None, *, max_tokens: int | None = None, max_samples: int | None = None
+) -> tuple[Spec, Task, str]:
+    """Spec and task for the pair, or a clear error if they are not the same architecture or the data does not fit.
 
     A bare state dict's activation is unknown unless given: its Spec then holds permutations only (true for
     every elementwise activation), and the barrier is evaluated with ReLU (said in the explanation).
+    ``data``: a dataset name, a text file (language models) or tensors (classifiers; see :mod:`symm.user_data`).
     """
     dtype = eval_dtype(b.params)
-    if a.fmt == "hf" or b.fmt == "hf":
-        return _resolve_hf(a, b, data, dtype)
+    hf = a.fmt == "hf" or b.fmt == "hf"
+    check_data(data, hf, max_tokens, max_samples)
+    if hf:
+        return _resolve_hf(a, b, data, dtype, max_tokens)
     compare_state_dicts(a.params, b.params, (str(a.path), str(b.path)))
     inferred = infer_spec(a.params, activation=None if activation == "any" else activation)
     model = DenseChain(inferred).to(dtype).eval()
     d_in, d_out = inferred.sizes[0], inferred.sizes[-1]
-    name = data or {64: "digits", 40: "mnist1d"}.get(d_in)
-    if name is None or name not in ("digits", "mnist1d"):
-        raise CheckpointError(f"no embedded dataset for a {d_in}->{d_out} dense model; pass --data digits|mnist1d with matching sizes")
-    split = _split(name)
-    if split.x_train.shape[1] != d_in or split.n_classes != d_out:
-        raise CheckpointError(f"--data {name} has {split.x_train.shape[1]} inputs and {split.n_classes} classes; the model is {d_in}->{d_out}")
+    path = data_path(data)
+    if path is not None:
+        split = _user_split(path, d_in, d_out, max_samples)
+    else:
+        name = data or {64: "digits", 40: "mnist1d"}.get(d_in)
+        if name is None or name not in ("digits", "mnist1d"):
+            raise CheckpointError(f"no embedded dataset for a {d_in}->{d_out} dense model; pass --data digits|mnist1d with "
+                                  "matching sizes, or your own tensors (--data FILE|DIR)")
+        split = _split(name)
+        if split.x_train.shape[1] != d_in or split.n_classes != d_out:
+            raise CheckpointError(f"--data {name} has {split.x_train.shape[1]} inputs and {split.n_classes} classes; the model is {d_in}->{d_out}")
+        split = limit_samples(split, max_samples, DATA_SEED)
     acts = PROBE_ACTIVATIONS if inferred.activation == "any" else (inferred.activation,)
     probes = [DenseChain(inferred, activation=fn).to(dtype).eval() for fn in acts]
     explanation = inferred.explanation
@@ -165,8 +220,16 @@ def resolve(a: Checkpoint, b: Checkpoint, activation: str | None, data: str | No
     return inferred.spec, _classifier_task(model, split, probes, dtype), explanation
 
 
-def check_arguments(method: str, n_points: int, activation: str | None, data: str | None, stream: str | None = None) -> None:
-    """Argument checks made before anything is read or written."""
+def _check_budget(flag: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise UsageError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def check_arguments(
+    method: str, n_points: int, activation: str | None, data: str | None, stream: str | None = None,
+    max_tokens: int | None = None, max_samples: int | None = None,
+) -> None:
+    """Argument checks made before anything is read or written; ``data`` is a dataset name or an existing path."""
     if stream is not None and stream not in STREAMS:
         raise UsageError(f"--stream must be one of {', '.join(STREAMS)}, got {stream!r}")
     if method not in METHODS:
@@ -175,8 +238,11 @@ def check_arguments(method: str, n_points: int, activation: str | None, data: st
         raise UsageError(f"--points must be an integer of at least 2 (the endpoints A and B), got {n_points!r}")
     if activation is not None and activation not in ACTIVATIONS:
         raise UsageError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-    if data is not None and data not in DATASETS:
-        raise UsageError(f"--data must be one of {', '.join(DATASETS)}, got {data!r}")
+    path = data_path(data)
+    if path is not None and not path.exists():
+        raise DataError(f"--data {data}: no such file or folder (and not a dataset name: {', '.join(DATASETS)})")
+    _check_budget("--max-tokens", max_tokens)
+    _check_budget("--max-samples", max_samples)
 
 
 def _check_input_kind(path: Path) -> None:
@@ -228,25 +294,32 @@ def align(
     use_repair: bool = False,
     stream: str | None = None,
     progress: bool = True,
+    max_tokens: int | None = None,
+    max_samples: int | None = None,
 ) -> dict:
     """Align B onto A, measure naive vs aligned barriers, write aligned B, ``report.json`` and ``barrier.png``.
 
-    ``stream``: the residual-stream group, ``permutation`` or ``signed`` (default: the largest the model allows)."""
-    check_arguments(method, n_points, activation, data, stream)
+    ``stream``: the residual-stream group, ``permutation`` or ``signed`` (default: the largest the model allows).
+    ``data``: a dataset name, or a path: a UTF-8 text file for language models (tokenised by the folder's own
+    tokenizer; first ``max_tokens`` tokens), tensors for classifiers (at most ``max_samples`` per split)."""
+    check_arguments(method, n_points, activation, data, stream, max_tokens, max_samples)
     path_a, path_b = Path(path_a), Path(path_b)
     for p in (path_a, path_b):
         _check_input_kind(p)
+    check_data(data, is_hf_folder(path_a) or is_hf_folder(path_b), max_tokens, max_samples)
+    inputs = [path_a, path_b] + ([data_path(data)] if data_path(data) is not None else [])
     plan = plan_outputs(path_b, is_hf_folder(path_b), out_dir)
-    preflight(plan, [path_a, path_b], None, need_bytes=int(1.1 * disk_size(path_b)) + 1_000_000)
+    preflight(plan, inputs, None, need_bytes=int(1.1 * disk_size(path_b)) + 1_000_000)
     created = make_parents(plan.real.parent)
     lock, stage = OutputLock(plan.real), None
     try:
         lock.acquire()
         recover(plan.real)  # what killed runs left (their lock is free: we hold it)
-        preflight(plan, [path_a, path_b], overwrite)  # again under the lock, now with existing outputs
+        preflight(plan, inputs, overwrite)  # again under the lock, now with existing outputs
         stage = make_staging(plan.real)
         fault_point("locked")
-        outcome = _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress, stream)
+        outcome = _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress, stream,
+                       max_tokens, max_samples)
         _write_and_publish(stage, plan, outcome)
         return outcome.report
     except BaseException:
@@ -270,11 +343,12 @@ class Outcome:
     title: str
 
 
-def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress, stream=None) -> "Outcome":
+def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress, stream=None,
+         max_tokens=None, max_samples=None) -> "Outcome":
     """Load, align, check the function, measure the barrier; returns everything the writer needs."""
     t0 = time.perf_counter()
     a, b = load_checkpoint(path_a), load_checkpoint(path_b)
-    spec, task, explanation = resolve(a, b, activation, data)
+    spec, task, explanation = resolve(a, b, activation, data, max_tokens=max_tokens, max_samples=max_samples)
     stream_used, stream_fixed = stream_group(spec, stream)
     dtype, stored = eval_dtype(b.params), storage_dtype(b.params)
     pa, pb = cast(a.params, dtype), cast(b.params, dtype)

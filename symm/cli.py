@@ -67,7 +67,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
     report = align(
         args.a, args.b, args.out, method=args.method, data=args.data, activation=args.activation, n_points=args.points,
         seed=args.seed, backend=args.backend, overwrite=args.overwrite, use_repair=args.repair, stream=args.stream,
-        progress=not args.quiet,
+        progress=not args.quiet, max_tokens=args.max_tokens, max_samples=args.max_samples,
     )
     print(report["models"]["architecture"])
     _print_report(report)
@@ -205,6 +205,16 @@ def _points(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="symm", description="Weight-space symmetry catalogue and model alignment.")
     parser.add_argument("-v", "--verbose", action="store_true", help="more output and INFO logging")
@@ -224,7 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("a", help="checkpoint A: .safetensors/.pt state dict or Hugging Face folder")
     al.add_argument("b", help="checkpoint B (same architecture)")
     al.add_argument("--method", choices=["weights", "activations"], default="weights")
-    al.add_argument("--data", choices=["digits", "mnist1d", "text"], help="evaluation data (default: digits/mnist1d by input size; text for LMs)")
+    al.add_argument("--data", metavar="digits|mnist1d|text|FILE|DIR",
+                    help="evaluation data: a dataset name, a UTF-8 text file (language models; tokenised by the folder's own "
+                         "tokenizer, else bytes), or tensors for classifiers (a .npz/.safetensors file with 'inputs' and "
+                         "'labels', split 80/20, or a folder with train.* and test.*). Default: digits/mnist1d by input size; "
+                         "for language models the shipped Shakespeare text, through the folder's tokenizer if it has one")
+    al.add_argument("--max-tokens", type=_positive, metavar="N",
+                    help="language models: use the first N tokens of the text (default 200000; "
+                         "without a tokenizer the shipped default text is used whole)")
+    al.add_argument("--max-samples", type=_positive, metavar="N",
+                    help="classifiers: at most N samples per split (a seeded random subset; default: all)")
     al.add_argument(
         "--activation",
         choices=ACTIVATIONS,

@@ -87,6 +87,14 @@ def byte_tokens(vocab_size: int = 256, seq_len: int = 64, n_train: int = 2048, n
     """Byte-level windows of the text corpus (bytes folded modulo ``vocab_size``); train/test from disjoint halves."""
     text, name = text_corpus()
     tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long() % vocab_size
+    return token_windows(tokens, vocab_size, f"bytes of {name}", seq_len=seq_len, n_train=n_train, n_test=n_test, seed=seed)
+
+
+def token_windows(
+    tokens: torch.Tensor, vocab_size: int, name: str, *, seq_len: int = 64, n_train: int = 2048, n_test: int = 256, seed: int = 0
+) -> TokenSplit:
+    """Seeded random windows of ``seq_len + 1`` tokens of a 1-D token stream: train windows from its first half,
+    test windows from its second half (disjoint). The stream needs at least ``2 * (seq_len + 2)`` tokens."""
     half = len(tokens) // 2
     gen = torch.Generator().manual_seed(seed)
 
@@ -94,4 +102,4 @@ def byte_tokens(vocab_size: int = 256, seq_len: int = 64, n_train: int = 2048, n
         starts = torch.randint(lo, hi - seq_len - 1, (n,), generator=gen)
         return torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
 
-    return TokenSplit(windows(0, half, n_train), windows(half, len(tokens), n_test), vocab_size, f"bytes of {name}")
+    return TokenSplit(windows(0, half, n_train), windows(half, len(tokens), n_test), vocab_size, name)

@@ -27,3 +27,7 @@ class OutputError(SymmError):
 
 class FunctionMismatch(SymmError):
     """A transformed model does not compute the original function (a wrong symmetry spec); nothing is written."""
+
+
+class DataError(SymmError, ValueError):
+    """User-supplied evaluation data (``--data FILE|DIR``) cannot be read, is invalid, or does not fit the model."""

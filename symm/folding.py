@@ -1,0 +1,381 @@
+"""Gauges of RMSNorm residual streams: fold the norm gains into their readers, act with an orthogonal O, unfold.
+
+RMSNorm with unit gain commutes with every orthogonal O of the stream (rms(Ox) = rms(x), eps included). After
+:func:`fold` (reader W -> W diag(g), gain -> 1) every stream vector transforms as v -> O v: writers (embedding
+rows, o_proj / down_proj / fc2 / stacked expert down projections and their biases) as W -> O W on the stream axis,
+readers (q/k/v, gate/up/fc1, router, shared-expert gate, lm_head) as W -> W O^T; :func:`act_orthogonal` does both.
+:func:`unfold` returns an ordinary checkpoint (reader W -> W diag(1/g), gain := g); unfolding with another model's
+gains keeps the function and carries those gains exactly.
+
+Families are data: a table of name rules (:data:`FAMILIES`) saying which parameters are gains, which readers each
+gain feeds, and which parameters are writers or readers on which axis. Any parameter no rule knows is refused.
+Tied embeddings are refused: the embedding is then both the first writer and the last reader, and a general O
+survives only if O diag(g) O^T is diagonal (signed permutations do; see the ``stream.sign`` factor).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SpecError, UnsupportedArchitecture
+
+Params = Mapping[str, torch.Tensor]
+ROLES = ("gain", "reader", "writer", "other", "refuse")
+
+TIED_MESSAGE = (
+    "tied embeddings: the embedding is both the first stream writer and (through the final norm's gain) the last "
+    "reader, and a general orthogonal O of the stream survives only if O diag(g) O^T is diagonal; the orthogonal "
+    "stream is refused for tied models (use the signed permutations of the catalogue, or untie the checkpoint "
+    "explicitly)"
+)
+LAYERNORM_MESSAGE = (
+    "LayerNorm stream (norm bias {name!r}): the orthogonal stream needs RMSNorm (LayerNorm's centring must be "
+    "folded into the writers first, not implemented yet)"
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Parameters whose name fully matches ``pattern``: their role, stream axis and (readers) the gain they read.
+
+    ``norm`` is a template formatted with the pattern's groups (``{0}``: the layer index)."""
+
+    pattern: str
+    role: str
+    axis: int = -1
+    norm: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"rule {self.pattern!r}: role must be one of {ROLES}, got {self.role!r}")
+        if self.role == "reader" and self.norm is None:
+            raise ValueError(f"rule {self.pattern!r}: a reader names the gain it reads")
+
+
+def _r(pattern: str, role: str, axis: int = -1, norm: str | None = None) -> Rule:
+    return Rule(pattern, role, axis, norm)
+
+
+_L = r"blocks\.(\d+)"
+#: reference ``TransformerLM`` with ``norm="rms"`` (symm.models.transformer)
+REFERENCE_RULES: tuple[Rule, ...] = (
+    _r(r"embed\.weight", "writer"),
+    _r(r"pos\.weight", "writer"),
+    _r(r"norm\.weight", "gain"),
+    _r(r"lm_head\.weight", "reader", norm="norm.weight"),
+    _r(_L + r"\.norm[12]\.weight", "gain"),
+    _r(r"(.*\.)?norm\d?\.bias", "refuse"),
+    _r(_L + r"\.attn\.[qkv]_proj\.weight", "reader", norm="blocks.{0}.norm1.weight"),
+    _r(_L + r"\.attn\.[qkv]_proj\.bias", "other"),
+    _r(_L + r"\.attn\.[qk]_norm\.weight", "other"),  # per-head QK-norm acts on head dims, not the stream
+    _r(_L + r"\.attn\.o_proj\.weight", "writer", -2),
+    _r(_L + r"\.attn\.o_proj\.bias", "writer"),
+    _r(
+        _L + r"\.ffn\.(fc1\.weight|gate_proj\.weight|up_proj\.weight|w1|w3|router\.weight"
+        r"|shared\.gate_proj\.weight|shared\.up_proj\.weight|shared_gate\.weight)",
+        "reader",
+        norm="blocks.{0}.norm2.weight",
+    ),
+    _r(_L + r"\.ffn\.(fc1\.bias|router\.bias)", "other"),
+    _r(_L + r"\.ffn\.(fc2\.weight|down_proj\.weight|w2|shared\.down_proj\.weight)", "writer", -2),
+    _r(_L + r"\.ffn\.fc2\.bias", "writer"),
+)
+
+_H = r"model\.layers\.(\d+)"
+#: Hugging Face Llama / Mixtral / Qwen2-MoE, in-memory layout (fused experts ``gate_up_proj`` (E, 2I, d))
+HF_DECODER_RULES: tuple[Rule, ...] = (
+    _r(r"model\.embed_tokens\.weight", "writer"),
+    _r(r"model\.norm\.weight", "gain"),
+    _r(r"lm_head\.weight", "reader", norm="model.norm.weight"),
+    _r(_H + r"\.(input_layernorm|post_attention_layernorm)\.weight", "gain"),
+    _r(_H + r"\.self_attn\.[qkv]_proj\.weight", "reader", norm="model.layers.{0}.input_layernorm.weight"),
+    _r(_H + r"\.self_attn\.[qkv]_proj\.bias", "other"),
+    _r(_H + r"\.self_attn\.o_proj\.weight", "writer", -2),
+    _r(_H + r"\.self_attn\.o_proj\.bias", "writer"),
+    _r(
+        _H + r"\.mlp\.(gate_proj\.weight|up_proj\.weight|gate\.weight|experts\.gate_up_proj"
+        r"|shared_expert\.gate_proj\.weight|shared_expert\.up_proj\.weight|shared_expert_gate\.weight)",
+        "reader",
+        norm="model.layers.{0}.post_attention_layernorm.weight",
+    ),
+    _r(_H + r"\.mlp\.(down_proj\.weight|experts\.down_proj|shared_expert\.down_proj\.weight)", "writer", -2),
+)
+
+#: family name -> rules (``reference`` and the supported Hugging Face ``model_type`` s)
+FAMILIES: dict[str, tuple[Rule, ...]] = {
+    "reference": REFERENCE_RULES,
+    "llama": HF_DECODER_RULES,
+    "mixtral": HF_DECODER_RULES,
+    "qwen2_moe": HF_DECODER_RULES,
+}
+
+
+@dataclass(frozen=True)
+class StreamTensor:
+    """A parameter with the residual stream on ``axis``: a ``writer`` (v -> O v) or a ``reader`` (W -> W O^T)."""
+
+    name: str
+    role: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class NormGain:
+    """An RMSNorm gain (shape (d,)) and the readers that read its output."""
+
+    name: str
+    readers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """Where the residual stream of one checkpoint lives: gains, writers and readers (and what it leaves alone)."""
+
+    family: str
+    d: int
+    norms: tuple[NormGain, ...]
+    tensors: tuple[StreamTensor, ...]
+    untouched: tuple[str, ...] = ()
+
+    @property
+    def gains(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.norms)
+
+    @property
+    def writers(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tensors if t.role == "writer")
+
+    @property
+    def readers(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tensors if t.role == "reader")
+
+    def axis_of(self, name: str) -> int:
+        return next(t.axis for t in self.tensors if t.name == name)
+
+
+# ----- deriving a layout ------------------------------------------------------------------------------
+def _classify(rules: tuple[Rule, ...], name: str) -> tuple[Rule, tuple[str, ...]] | None:
+    for rule in rules:
+        m = re.fullmatch(rule.pattern, name)
+        if m:
+            return rule, m.groups()
+    return None
+
+
+def _shared_storage(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.device.type != "meta" and x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+
+
+def derive_layout(params: Params, family: str, *, tied: bool = False) -> StreamLayout:
+    """The :class:`StreamLayout` of ``params`` under ``family``'s rules; unknown parameters are refused by name."""
+    if family not in FAMILIES:
+        raise UnsupportedArchitecture(f"no stream layout for family {family!r}; supported: {', '.join(sorted(FAMILIES))}")
+    if tied:
+        raise UnsupportedArchitecture(TIED_MESSAGE)
+    rules = FAMILIES[family]
+    gains: dict[str, list[str]] = {}
+    tensors: list[StreamTensor] = []
+    untouched: list[str] = []
+    unknown: list[str] = []
+    wanted: dict[str, str] = {}  # reader -> gain
+    for name, x in params.items():
+        hit = _classify(rules, name)
+        if hit is None:
+            unknown.append(name)
+            continue
+        rule, groups = hit
+        if rule.role == "refuse":
+            raise UnsupportedArchitecture(LAYERNORM_MESSAGE.format(name=name))
+        if rule.role == "gain":
+            gains[name] = []
+        elif rule.role == "other":
+            untouched.append(name)
+        else:
+            if x.dim() < -rule.axis:
+                raise SpecError(f"{name}: shape {tuple(x.shape)} has no axis {rule.axis} for the stream")
+            tensors.append(StreamTensor(name, rule.role, x.dim() + rule.axis))
+            if rule.role == "reader":
+                wanted[name] = rule.norm.format(*groups)
+    if unknown:
+        raise UnsupportedArchitecture(
+            f"family {family!r}: no stream rule for parameter(s) {', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else "")
+        )
+    for reader, gain in wanted.items():
+        if gain not in gains:
+            raise SpecError(f"{reader} reads the norm {gain!r}, which is not among the parameters")
+        gains[gain].append(reader)
+    _check_tied_storage(params, tensors)
+    norms = tuple(NormGain(g, tuple(r)) for g, r in gains.items())
+    layout = StreamLayout(family, _stream_width(params, gains), norms, tuple(tensors), tuple(untouched))
+    _check_layout(params, layout)
+    return layout
+
+
+def _check_tied_storage(params: Params, tensors: list[StreamTensor]) -> None:
+    writers = [t.name for t in tensors if t.role == "writer"]
+    readers = [t.name for t in tensors if t.role == "reader"]
+    for w in writers:
+        for r in readers:
+            if params[w].shape == params[r].shape and _shared_storage(params[w], params[r]):
+                raise UnsupportedArchitecture(f"{w} and {r} are one tensor: " + TIED_MESSAGE)
+
+
+def _stream_width(params: Params, gains: Mapping[str, list[str]]) -> int:
+    if not gains:
+        raise UnsupportedArchitecture("no RMSNorm gain found: nothing reads the stream through a norm")
+    sizes = {name: tuple(params[name].shape) for name in gains}
+    widths = {s[0] for s in sizes.values() if len(s) == 1}
+    if len(widths) != 1 or any(len(s) != 1 for s in sizes.values()):
+        raise SpecError(f"norm gains must all have shape (d,): {sizes}")
+    return widths.pop()
+
+
+def _check_layout(params: Params, layout: StreamLayout) -> None:
+    for t in layout.tensors:
+        size = params[t.name].shape[t.axis]
+        if size != layout.d:
+            raise SpecError(f"{t.name} ({t.role}): stream axis {t.axis} has size {size}, expected d = {layout.d}")
+    for n in layout.norms:
+        if not n.readers:
+            raise SpecError(f"norm {n.name}: no reader of this norm found")
+    if not layout.writers or not layout.readers:
+        found = f"{len(layout.writers)} writers, {len(layout.readers)} readers"
+        raise UnsupportedArchitecture(f"family {layout.family!r}: a stream needs writers and readers (found {found})")
+
+
+def layout_for(model_or_config, params: Params) -> StreamLayout:
+    """The layout of ``params`` for a reference ``TransformerLM`` / its config, or a transformers model / config."""
+    from .models.transformer import TransformerConfig
+
+    config = getattr(model_or_config, "config", model_or_config)
+    if isinstance(config, TransformerConfig):
+        if config.norm != "rms":
+            raise UnsupportedArchitecture(LAYERNORM_MESSAGE.format(name="norm=" + config.norm))
+        if config.pe == "sinusoidal":
+            raise UnsupportedArchitecture("additive sinusoidal PE is a fixed table on the stream: the stream cannot be rotated")
+        return derive_layout(params, "reference", tied=config.tied)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise UnsupportedArchitecture(
+            f"cannot tell the family of {type(model_or_config).__name__}: pass a TransformerConfig or a transformers model/config"
+        )
+    if model_type not in FAMILIES:
+        raise UnsupportedArchitecture(
+            f"no orthogonal-stream layout for Hugging Face model_type {model_type!r}; supported: "
+            + ", ".join(sorted(set(FAMILIES) - {"reference"}))
+        )
+    return derive_layout(params, model_type, tied=bool(getattr(config, "tie_word_embeddings", False)))
+
+
+# ----- the maps -----------------------------------------------------------------------------------------
+def _along(x: torch.Tensor, axis: int, fn) -> torch.Tensor:
+    """Apply ``fn`` to ``x`` (in float64) with ``axis`` moved last; cast back to ``x``'s dtype."""
+    y = fn(x.detach().to(torch.float64).movedim(axis, -1)).movedim(-1, axis)
+    return y.to(x.dtype).contiguous()
+
+
+def _copy(params: Params) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in params.items()}
+
+
+def _check_keys(params: Params, layout: StreamLayout) -> None:
+    names = set(layout.gains) | {t.name for t in layout.tensors} | set(layout.untouched)
+    missing, extra = sorted(names - set(params)), sorted(set(params) - names)
+    if missing or extra:
+        raise SpecError(f"parameters do not match the stream layout ({layout.family}): missing {missing[:10]}, unexpected {extra[:10]}")
+
+
+def gains_of(params: Params, layout: StreamLayout) -> dict[str, torch.Tensor]:
+    """Copies of the norm gains of ``params``."""
+    return {g: params[g].detach().clone() for g in layout.gains}
+
+
+def is_folded(params: Params, layout: StreamLayout, atol: float = 0.0) -> bool:
+    return all(bool((params[g].double() - 1).abs().max() <= atol) for g in layout.gains)
+
+
+def fold(params: Params, layout: StreamLayout) -> dict[str, torch.Tensor]:
+    """Gains into their readers: W -> W diag(g), g -> 1 (same function; new tensors, computed in float64)."""
+    _check_keys(params, layout)
+    out = _copy(params)
+    for norm in layout.norms:
+        g = params[norm.name].detach().to(torch.float64)
+        for r in norm.readers:
+            out[r] = _along(params[r], layout.axis_of(r), lambda w, g=g: w * g)
+        out[norm.name] = torch.ones_like(params[norm.name])
+    return out
+
+
+def unfold(params: Params, layout: StreamLayout, gains: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Back to an ordinary checkpoint with ``gains``: W -> W diag(1/g), gain := g (``params`` must be folded)."""
+    _check_keys(params, layout)
+    if not is_folded(params, layout, atol=1e-6):
+        raise SpecError("unfold expects folded parameters (every norm gain 1): fold first")
+    missing = sorted(set(layout.gains) - set(gains))
+    if missing:
+        raise SpecError(f"unfold: no gain given for {missing[:10]}")
+    out = _copy(params)
+    for norm in layout.norms:
+        g = gains[norm.name].detach()
+        if tuple(g.shape) != (layout.d,):
+            raise SpecError(f"unfold: gain {norm.name} has shape {tuple(g.shape)}, expected ({layout.d},)")
+        if bool((g == 0).any()):
+            raise SpecError(f"unfold: gain {norm.name} has {int((g == 0).sum())} zero entries (cannot divide by them)")
+        g64 = g.to(torch.float64)
+        for r in norm.readers:
+            out[r] = _along(params[r], layout.axis_of(r), lambda w, g64=g64: w / g64)
+        out[norm.name] = g.to(params[norm.name].dtype).clone()
+    return out
+
+
+def check_orthogonal(O: torch.Tensor, d: int, atol: float = 1e-5) -> torch.Tensor:
+    """``O`` as float64 after checking its shape (d, d) and O^T O = I to ``atol``."""
+    if tuple(O.shape) != (d, d):
+        raise SpecError(f"O has shape {tuple(O.shape)}, expected ({d}, {d})")
+    O = O.detach().to(torch.float64)
+    err = float((O.T @ O - torch.eye(d, dtype=torch.float64)).abs().max())
+    if not err <= atol:
+        raise SpecError(f"O is not orthogonal: max |O^T O - I| = {err:.3e} > {atol:.0e}")
+    return O
+
+
+def act_orthogonal(params: Params, layout: StreamLayout, O: torch.Tensor, *, require_folded: bool = True) -> dict[str, torch.Tensor]:
+    """Every stream vector v -> O v: writers W -> O W, readers W -> W O^T on the stream axis; gains untouched.
+
+    Keeps the function of folded parameters only (``require_folded=False`` is for negative controls)."""
+    _check_keys(params, layout)
+    O = check_orthogonal(O, layout.d)
+    if require_folded and not is_folded(params, layout, atol=1e-6):
+        raise SpecError("act_orthogonal keeps the function only with unit norm gains: fold the parameters first")
+    out = _copy(params)
+    for t in layout.tensors:
+        out[t.name] = _along(params[t.name], t.axis, lambda v: v @ O.T)
+    return out
+
+
+def stream_tensors(params: Params, layout: StreamLayout) -> dict[str, torch.Tensor]:
+    """Every writer and reader as an (n, d) matrix whose rows are stream vectors (v -> O v under the action)."""
+    _check_keys(params, layout)
+    return {t.name: params[t.name].detach().movedim(t.axis, -1).reshape(-1, layout.d) for t in layout.tensors}
+
+
+__all__ = [
+    "FAMILIES",
+    "NormGain",
+    "Rule",
+    "StreamLayout",
+    "StreamTensor",
+    "act_orthogonal",
+    "check_orthogonal",
+    "derive_layout",
+    "fold",
+    "gains_of",
+    "is_folded",
+    "layout_for",
+    "stream_tensors",
+    "unfold",
+]

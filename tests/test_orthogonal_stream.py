@@ -1,0 +1,253 @@
+"""Orthogonal residual stream of RMSNorm decoders: fold / unfold gauges, the orthogonal action on folded weights
+(reference model and transformers logits), negative controls, planted recovery by alternating Procrustes with
+weight matching, and refusal of tied embeddings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aligners import weight_matching
+from aligners.orthogonal_stream import align_orthogonal, free_tensors, match_orthogonal, stream_factors
+from hf_models import VOCAB, build, logits_fn, params_of
+from planted import reference_params, rel_distance
+from symm.action import act
+from symm.adapters import spec_from_hf
+from symm.element import GroupElement
+from symm.errors import SpecError, UnsupportedArchitecture
+from symm.evaluate import functional
+from symm.folding import act_orthogonal, derive_layout, fold, gains_of, layout_for, stream_tensors, unfold
+from symm.models import TransformerConfig, build_model, spec_for
+
+REFERENCE = {
+    "rope-swiglu-gqa": TransformerConfig(norm="rms", pe="rope", n_kv_heads=2),
+    "learned-gelu-bias": TransformerConfig(norm="rms", pe="learned", ffn="gelu", attn_bias=True),
+    "none-moe-shared": TransformerConfig(norm="rms", pe="none", ffn="moe", gating="topk", shared_expert=True, router_bias=True),
+    "rope-qknorm-moe-dense": TransformerConfig(norm="rms", pe="rope", n_kv_heads=1, qk_norm=True, ffn="moe", gating="dense"),
+}
+HF = ["llama-mqa-untied", "llama-gqa-untied", "mixtral", "qwen2-moe"]
+
+
+def _hf(name: str, seed: int = 0):
+    """``hf_models.build`` plus an untied GQA Llama (not in the shared table)."""
+    if name != "llama-gqa-untied":
+        return build(name, seed)
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def _orthogonal(d: int, seed: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _reference(name: str):
+    config = REFERENCE[name]
+    model = build_model(config).double().eval()
+    params = reference_params(config, 0)  # float64, gains 1 + N(0, 0.3^2)
+    tokens = torch.randint(0, config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    f = functional(model)
+    return spec_for(config), layout_for(config, params), params, lambda p: f(p, tokens)
+
+
+def _hf_case(name: str, seed: int = 0):
+    model = _hf(name, seed)
+    params = params_of(model)
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    return spec_from_hf(model), layout_for(model, params), params, logits_fn(model, tokens)
+
+
+# ----- layouts ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(REFERENCE) + HF)
+def test_layout_covers_every_parameter(name):
+    spec, layout, params, _ = _reference(name) if name in REFERENCE else _hf_case(name)
+    n_layers = 2
+    assert len(layout.norms) == 2 * n_layers + 1
+    readers = [r for n in layout.norms for r in n.readers]
+    assert sorted(readers) == sorted(layout.readers)  # every reader reads exactly one norm
+    assert set(layout.gains) | set(layout.writers) | set(layout.readers) | set(layout.untouched) == set(params)
+    final = next(n for n in layout.norms if n.name in ("norm.weight", "model.norm.weight"))
+    assert final.readers == ("lm_head.weight",)
+    assert stream_factors(spec, layout) == ["stream", "stream.sign"]
+    assert {"lm_head.weight"} <= set(free_tensors(spec, layout, ["stream", "stream.sign"]))
+    for t in layout.tensors:
+        assert params[t.name].shape[t.axis] == layout.d
+
+
+def test_unknown_layouts_refused():
+    _, _, params, _ = _reference("rope-swiglu-gqa")
+    with pytest.raises(UnsupportedArchitecture, match="blocks.0.attn.extra.weight"):
+        derive_layout({**params, "blocks.0.attn.extra.weight": torch.zeros(3, 32)}, "reference")
+    with pytest.raises(UnsupportedArchitecture, match="no stream layout for family"):
+        derive_layout(params, "gpt-j")
+    with pytest.raises(SpecError, match="stream axis"):
+        derive_layout({**params, "blocks.0.attn.o_proj.weight": torch.zeros(31, 32)}, "reference")
+    layer = TransformerConfig(norm="layer", pe="rope")
+    with pytest.raises(UnsupportedArchitecture, match="LayerNorm"):
+        layout_for(layer, reference_params(layer, 0))
+    with pytest.raises(UnsupportedArchitecture, match="LayerNorm"):  # from the names alone, too
+        derive_layout(reference_params(layer, 0), "reference")
+    sinus = TransformerConfig(norm="rms", pe="sinusoidal")
+    with pytest.raises(UnsupportedArchitecture, match="sinusoidal"):
+        layout_for(sinus, reference_params(sinus, 0))
+    gpt2 = build("gpt2")
+    with pytest.raises(UnsupportedArchitecture, match="gpt2"):
+        layout_for(gpt2, params_of(gpt2))
+
+
+def test_tied_models_refused():
+    tied = TransformerConfig(norm="rms", pe="rope", tied=True)
+    with pytest.raises(UnsupportedArchitecture, match="tied embeddings.*O diag\\(g\\) O\\^T"):
+        layout_for(tied, reference_params(tied, 0))
+    model = build("llama-gqa-tied")
+    with pytest.raises(UnsupportedArchitecture, match="tied embeddings"):
+        layout_for(model, params_of(model))
+    # the same tensor under two names is refused even without a config
+    with pytest.raises(UnsupportedArchitecture, match="one tensor"):
+        derive_layout(model.state_dict(), "llama")
+
+
+# ----- fold / unfold / act -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["rope-swiglu-gqa", "none-moe-shared"])
+def test_fold_unfold_round_trip_float64(name):
+    _, layout, params, _ = _reference(name)
+    folded = fold(params, layout)
+    assert all(torch.equal(folded[g], torch.ones_like(params[g])) for g in layout.gains)
+    back = unfold(folded, layout, gains_of(params, layout))
+    assert all(torch.equal(back[g], params[g]) for g in layout.gains)  # gains exactly
+    assert max(_rel(back[k], params[k]) for k in params) <= 1e-15  # measured 1.7e-16 (one float64 rounding)
+    assert all(torch.equal(back[k], params[k]) for k in layout.writers)  # writers are never touched
+    with pytest.raises(SpecError, match="folded"):
+        unfold(params, layout, gains_of(params, layout))
+
+
+@pytest.mark.parametrize("name", HF)
+def test_fold_unfold_round_trip_float32(name):
+    _, layout, params, _ = _hf_case(name)
+    back = unfold(fold(params, layout), layout, gains_of(params, layout))
+    assert all(back[k].dtype == torch.float32 for k in back)
+    assert all(torch.equal(back[g], params[g]) for g in layout.gains)
+    assert max(_rel(back[k], params[k]) for k in params) <= 3e-7  # measured <= 1.1e-7: the folded weights are stored in float32
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_reference_model_fold_and_rotation_keep_the_function(name):
+    _, layout, params, f = _reference(name)
+    base = f(params)
+    folded = fold(params, layout)
+    assert _rel(f(folded), base) <= 1e-12
+    for seed in range(3):
+        O = _orthogonal(layout.d, seed)
+        moved = act_orthogonal(folded, layout, O)
+        assert _rel(f(moved), base) <= 1e-12
+        # the rows of every stream tensor move as v -> O v
+        st, sm = stream_tensors(folded, layout), stream_tensors(moved, layout)
+        assert all(torch.allclose(sm[k], st[k] @ O.T, atol=1e-13) for k in st)
+        # negative control: O on the unfolded weights (non-unit gains) changes the function
+        assert _rel(f(act_orthogonal(params, layout, O, require_folded=False)), base) > 1e-2
+    with pytest.raises(SpecError, match="fold the parameters first"):
+        act_orthogonal(params, layout, O)
+    with pytest.raises(SpecError, match="not orthogonal"):
+        act_orthogonal(folded, layout, 2 * O)
+
+
+@pytest.mark.parametrize("name", HF)
+def test_transformers_logits_fold_and_rotation(name):
+    _, layout, params, f = _hf_case(name)
+    base = f(params)
+    folded = fold(params, layout)
+    assert _rel(f(folded), base) <= 1e-5  # measured <= 3.7e-7
+    for seed in range(3):
+        O = _orthogonal(layout.d, seed)
+        assert _rel(f(act_orthogonal(folded, layout, O)), base) <= 1e-5  # measured <= 4.6e-7
+        assert _rel(f(act_orthogonal(params, layout, O, require_folded=False)), base) > 1e-2  # measured > 1
+
+
+# ----- alignment -----------------------------------------------------------------------------------------------
+def _plant(spec, layout, params, seed: int):
+    """B = unfold(O . h . fold(A), random positive gains): A's function with other gains, a rotated stream and
+    every other factor (heads, GL / RoPE per head, units, experts, translations) moved."""
+    stream = stream_factors(spec, layout)
+    h = GroupElement.sample(spec, seed).replace(**{n: spec.factors[n].identity() for n in stream})
+    p64 = {k: v.double() for k, v in params.items()}
+    O = _orthogonal(layout.d, seed + 100)
+    gen = torch.Generator().manual_seed(seed + 200)
+    gains_b = {g: 0.5 + torch.rand(layout.d, generator=gen, dtype=torch.float64) for g in layout.gains}
+    b = unfold(act_orthogonal(act(spec, fold(p64, layout), h), layout, O), layout, gains_b)
+    return {k: v.to(params[k].dtype) for k, v in b.items()}
+
+
+def _check_planted(spec, layout, a, f, tol_fn, tol_dist, **kwargs):
+    b = _plant(spec, layout, a, seed=7)
+    base = f(a)
+    assert _rel(f(b), base) <= tol_fn  # B computes A's function ...
+    assert rel_distance(b, a) > 0.5  # ... with very different weights
+    result = match_orthogonal(spec, layout, a, b, **kwargs)
+    O, g = result
+    assert O.shape == (layout.d, layout.d) and result.converged
+    aligned = result(b)
+    assert _rel(f(aligned), f(b)) <= tol_fn  # aligned B computes B's function
+    assert all(torch.equal(aligned[k], a[k]) for k in layout.gains)  # and carries A's gains exactly
+    dist = rel_distance(aligned, a)
+    assert dist <= tol_dist, dist
+    for name in stream_factors(spec, layout):
+        assert spec.factors[name].is_identity(g.values[name], atol=0.0)
+    return result
+
+
+@pytest.mark.parametrize("name", ["rope-swiglu-gqa", "learned-gelu-bias", "none-moe-shared"])
+def test_planted_recovery_reference(name):
+    spec, layout, params, f = _reference(name)
+    result = _check_planted(spec, layout, params, f, tol_fn=1e-12, tol_dist=1e-9)  # measured <= 4.4e-15
+    assert result.rounds == 1  # the first fit (embeddings, lm_head, writer biases) finds O exactly
+
+
+@pytest.mark.parametrize("name", HF)
+def test_planted_recovery_transformers(name):
+    spec, layout, params, f = _hf_case(name)
+    _check_planted(spec, layout, params, f, tol_fn=1e-5, tol_dist=1e-5)  # measured <= 3.6e-6 (fn <= 3.7e-7)
+
+
+@pytest.mark.parametrize("name", ["rope-swiglu-gqa", "llama-gqa-untied"])
+def test_planted_recovery_by_alternation(name):
+    """First fit on every stream tensor (heads and units still scrambled): the alternation has to do the work."""
+    spec, layout, params, f = _reference(name) if name in REFERENCE else _hf_case(name)
+    double = name in REFERENCE
+    result = _check_planted(spec, layout, params, f, tol_fn=1e-12 if double else 1e-5, tol_dist=1e-9 if double else 1e-5, first_fit="all")
+    assert result.rounds >= 5 and result.distances[0] > 1e-2  # measured 8 rounds (3.7e-2 -> 5.9e-12); 14 (0.90 -> 2.1e-8)
+    assert all(later < 0.5 * earlier for earlier, later in zip(result.distances[:5], result.distances[1:5]))
+
+
+def test_independent_models_alternation():
+    """Two unrelated models: the orthogonal stream gets closer (folded) than signed permutations, keeps B's
+    function, and a lerp of the two checkpoints is the lerp of the folded models (same gains)."""
+    spec, layout, a, f = _hf_case("llama-mqa-untied", seed=0)
+    _, _, b, _ = _hf_case("llama-mqa-untied", seed=1)
+    result = match_orthogonal(spec, layout, a, b, max_outer=3)
+    assert result.rounds == 3 and result.distances[-1] < result.distances[0]
+    aligned = result(b)
+    assert _rel(f(aligned), f(b)) <= 1e-5
+    signed = act(spec, b, weight_matching(spec, a, b, progress=False))
+    fa = fold(a, layout)
+    d_orth, d_signed = rel_distance(fold(aligned, layout), fa), rel_distance(fold(signed, layout), fa)
+    assert d_orth < 0.95 * d_signed, (d_orth, d_signed)  # measured 0.903 vs 1.054 (3 rounds)
+    a64, al64 = ({k: v.double() for k, v in p.items()} for p in (a, aligned))
+    mid = {k: 0.5 * (a64[k] + al64[k]) for k in a}
+    fa64, fal64 = fold(a64, layout), fold(al64, layout)
+    assert max(_rel(fold(mid, layout)[k], 0.5 * (fa64[k] + fal64[k])) for k in a) <= 1e-12
+    assert torch.equal(align_orthogonal(spec, layout, a, b, max_outer=1)["model.norm.weight"], a["model.norm.weight"])
