@@ -175,7 +175,7 @@ def _run(paths, plan: MergePlan, stage: Path, method, weights, data, activation,
     fault_point("matched")
 
     t2 = time.perf_counter()
-    models = [_scores(task, p) for p in params]
+    models = [{**_scores(task, p), "aligned": _scores(task, cast(a, dtype))} for p, a in zip(params, aligned_stored)]
     naive = _scores(task, weighted_average(params, result.weights))
     merged = _scores(task, result.merged)
     t_eval = time.perf_counter() - t2

@@ -49,7 +49,9 @@ def test_merge_three_digits_mlps(digits_three, tmp_path, capsys):
     merged, naive = report["merged"]["accuracy"], report["naive_average"]["accuracy"]
     assert merged > naive + 0.2, (merged, naive)  # far above the naive average
     assert merged > 0.5 * min(inputs)
-    assert report["converged"] and len(report["weights"]) == 3
+    assert report["rounds"] >= 1 and len(report["weights"]) == 3
+    for m in report["models"]:  # each aligned copy scores exactly as its input
+        assert m["aligned"]["accuracy"] == pytest.approx(m["accuracy"], abs=1e-6)
     # the merged checkpoint loads and runs, and scores what the report says
     model = MLP(config)
     model.load_state_dict(load_state_dict(out / "merged.safetensors"))
