@@ -47,7 +47,7 @@ __all__ = ["Checkpoint", "Task", "align", "load_checkpoint", "lm_task", "resolve
 
 METHODS = ("weights", "activations")
 #: residual-stream groups a user may ask for (``None``: the largest the model allows)
-STREAMS = ("permutation", "signed")
+STREAMS = ("permutation", "signed", "orthogonal")
 DATASETS = ("digits", "mnist1d", "text")
 #: seed of the evaluation data (windows, splits, subsets): the same data whatever ``--seed`` the matching uses
 DATA_SEED = 0
@@ -234,6 +234,8 @@ def check_arguments(
         raise UsageError(f"--stream must be one of {', '.join(STREAMS)}, got {stream!r}")
     if method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if stream == "orthogonal" and method != "weights":
+        raise UsageError("--stream orthogonal works with --method weights only")
     if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 2:
         raise UsageError(f"--points must be an integer of at least 2 (the endpoints A and B), got {n_points!r}")
     if activation is not None and activation not in ACTIVATIONS:
@@ -268,9 +270,26 @@ def stream_group(spec: Spec, stream: str | None) -> tuple[str, dict[str, torch.T
     if stream == "signed" and not signs:
         raise UsageError("--stream signed: this model's residual stream allows no per-channel signs "
                          "(LayerNorm centres the stream, or the stream is pinned); use --stream permutation")
+    if stream == "orthogonal":
+        return "orthogonal", {}
     if stream == "permutation":
         return "permutation", {n: spec.factors[n].identity() for n in signs}
     return ("signed" if signs else "permutation" if has_stream else "none"), {}
+
+
+def _match_orthogonal(a: Checkpoint, spec: Spec, pa, pb, b_params, seed, backend, progress, info) -> tuple[dict, dict]:
+    """Fold the RMSNorm gains, match the stream O by Procrustes alternated with weight matching, unfold with A's
+    gains (:mod:`aligners.orthogonal_stream`); tied or LayerNorm models are refused by the layout."""
+    from symm.folding import layout_for
+
+    from .orthogonal_stream import match_orthogonal
+
+    if a.fmt != "hf":
+        raise UsageError("--stream orthogonal needs Hugging Face folders (untied Llama, Mixtral, Qwen2-MoE)")
+    layout = layout_for(a.model, pa)
+    result = match_orthogonal(spec, layout, pa, pb, seed=seed, backend=backend, progress=progress)
+    info.sweeps, info.converged = result.rounds, result.converged
+    return result(b_params), {"rounds": result.rounds, "folded_distances": result.distances}
 
 
 def _match(method, spec, task, pa, pb, seed, backend, progress, info, fixed=None):
@@ -355,9 +374,13 @@ def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend
     t_load = time.perf_counter() - t0
     fault_point("loaded")
     info, t1 = MatchInfo(), time.perf_counter()
-    g = _match(method, spec, task, pa, pb, seed, backend, progress, info, stream_fixed or None)
+    ortho = None
+    if stream_used == "orthogonal":
+        aligned, ortho = _match_orthogonal(a, spec, pa, pb, b.params, seed, backend, progress, info)
+    else:
+        g = _match(method, spec, task, pa, pb, seed, backend, progress, info, stream_fixed or None)
+        aligned = act(spec, b.params, g)  # in B's own dtype: this is what is written
     t_align = time.perf_counter() - t1
-    aligned = act(spec, b.params, g)  # in B's own dtype: this is what is written
     aligned_eval = cast(aligned, dtype)
     error = check_same_function(task.probe, pb, aligned_eval, stored, "the aligned B")
     fault_point("matched")
@@ -372,6 +395,7 @@ def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend
         "spec": {"name": spec.name, "factors": len(spec.factors), "parameters": len(spec.params), "continuous_dimension": spec.dimension},
         "method": method,
         "stream": stream_used,
+        **({"orthogonal": ortho} if ortho else {}),
         "backend": backend,
         "repair": use_repair,
         "data": task.data_name,

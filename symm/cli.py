@@ -257,9 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--backend", choices=["auto", "jv", "scipy", "lapx"], default="auto",
                     help="linear-assignment solver (default auto: jv, our warm-started exact solver, from 512 units; scipy below)")
     al.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never overwritten)")
-    al.add_argument("--stream", choices=["permutation", "signed"],
-                    help="residual-stream group: permutations only, or signed permutations (RMSNorm streams). "
-                         "Default: the largest the model allows")
+    al.add_argument("--stream", choices=["permutation", "signed", "orthogonal"],
+                    help="residual-stream group: permutations only, signed permutations (RMSNorm streams), or "
+                         "orthogonal after folding the RMSNorm gains (untied RMSNorm decoders; the aligned B carries "
+                         "A's gains). Default: signed where allowed, else permutation")
     al.add_argument("--repair", action="store_true", help="also plot the aligned path with REPAIR renormalisation of hidden units")
     al.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     al.set_defaults(func=_cmd_align)

@@ -131,3 +131,34 @@ def test_align_stream_option(tmp_path):
     assert not bad.exists()
     with pytest.raises(UsageError):
         stream_group(spec_from_hf(build("gpt2")), "signed")
+
+
+def test_align_stream_orthogonal(tmp_path):
+    """Untied Llama folders: the aligned B loads, computes B's logits and carries A's gains; tied ones exit 2."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "in"
+    for seed, name in ((0, "a"), (1, "b")):
+        build("llama-mqa-untied", seed=seed).save_pretrained(folder / name)
+    out = tmp_path / "ortho"
+    assert main(["align", str(folder / "a"), str(folder / "b"), "--stream", "orthogonal", "--out", str(out), "--quiet", "--points", "3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["stream"] == "orthogonal" and report["orthogonal"]["rounds"] >= 1
+    a = AutoModelForCausalLM.from_pretrained(folder / "a")
+    b = AutoModelForCausalLM.from_pretrained(folder / "b")
+    aligned = AutoModelForCausalLM.from_pretrained(out / "aligned_model")
+    tokens = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _rel(aligned(tokens).logits, b(tokens).logits) <= 1e-5
+    sa, sb = a.state_dict(), aligned.state_dict()
+    for k in sa:
+        if k.endswith("layernorm.weight") or k == "model.norm.weight":
+            assert torch.equal(sa[k], sb[k]), k  # A's gains exactly
+    tied = tmp_path / "tied"
+    for seed, name in ((0, "a"), (1, "b")):
+        build("llama-gqa-tied", seed=seed).save_pretrained(tied / name)
+    bad = tmp_path / "bad"
+    assert main(["align", str(tied / "a"), str(tied / "b"), "--stream", "orthogonal", "--out", str(bad), "--quiet"]) == 2
+    assert not bad.exists()
+    assert main(["align", str(folder / "a"), str(folder / "b"), "--stream", "orthogonal", "--method", "activations",
+                 "--out", str(bad), "--quiet"]) == 2
