@@ -204,31 +204,12 @@ def _run(paths, plan: MergePlan, stage: Path, method, weights, data, activation,
 
 
 def _ste_matcher(spec, task: Task, dtype: torch.dtype, steps: int, seed: int, backend: str):
-    """STE of each model against its MergeMany target, on the classifier's training split (batches of 128; the
-    projection with the lowest midpoint loss on 512 training samples is kept)."""
-    from symm.evaluate import functional
-
+    """STE of each model against its MergeMany target, on the classifier's training split."""
     from .job import _split
-    from .ste import ste_matching
+    from .ste import classifier_ste_matcher
 
     split = _split(task.data_name)
-    x, y = split.x_train.to(dtype), split.y_train
-    f = functional(task.model)
-
-    def loss_fn(params, batch):
-        return torch.nn.functional.cross_entropy(f(params, batch[0]), batch[1])
-
-    def batches():
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            for idx in torch.randperm(len(x), generator=gen).split(128):
-                yield x[idx], y[idx]
-
-    def match(target, params, init):
-        return ste_matching(spec, loss_fn, target, params, batches, steps=steps, init=init, seed=seed, backend=backend,
-                            eval_batch=(x[:512], y[:512]), progress=False)
-
-    return match
+    return classifier_ste_matcher(spec, task.model, split.x_train.to(dtype), split.y_train, steps=steps, seed=seed, backend=backend)
 
 
 def _scores(task: Task, params) -> dict[str, float]:

@@ -120,4 +120,29 @@ def ste_matching(
     return g
 
 
-__all__ = ["LossFn", "STEInfo", "ste_matching"]
+def classifier_ste_matcher(spec: Spec, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int = 100,
+                           lr: float = 1e-2, batch_size: int = 128, select: int = 512, seed: int = 0, backend: str = "auto"):
+    """A MergeMany matcher ``(target, params, init) -> element``: STE of ``params`` against ``target`` on a classifier's
+    training data (cross-entropy of the midpoint, shuffled batches of ``batch_size``; the projection with the lowest
+    midpoint loss on the first ``select`` samples is kept)."""
+    from symm.evaluate import functional
+
+    f = functional(model)
+
+    def loss_fn(params, batch):
+        return torch.nn.functional.cross_entropy(f(params, batch[0]), batch[1])
+
+    def batches():
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+                yield x[idx], y[idx]
+
+    def match(target, params, init):
+        return ste_matching(spec, loss_fn, target, params, batches, steps=steps, lr=lr, init=init, seed=seed, backend=backend,
+                            eval_batch=(x[:select], y[:select]), progress=False)
+
+    return match
+
+
+__all__ = ["LossFn", "STEInfo", "classifier_ste_matcher", "ste_matching"]

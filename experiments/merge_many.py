@@ -11,7 +11,7 @@ first N models (seeds 0..N-1) are merged:
 - weights: MergeMany (aligners.merge.merge_many, init="first", max_rounds 20, seed 0) with weight matching;
 - activations: MergeMany whose matcher is activation matching on the whole training split against the current
   target (the mean of the other aligned models);
-- ste: MergeMany whose matcher is STE against the current target (as aligners.merge_job._ste_matcher: training
+- ste: MergeMany whose matcher is STE against the current target (aligners.ste.classifier_ste_matcher, as symm merge --method ste: training
   batches of 128, Adam on the proxy, lr 1e-2, ``--ste-steps`` steps, the projection with the lowest midpoint
   loss on the first 512 training samples kept), at most ``--ste-rounds`` rounds (each STE match costs
   ``--ste-steps`` weight matchings);
@@ -52,9 +52,9 @@ from _common import RESULTS, quiet_logs, table, write_json
 from aligners.activation_matching import activation_matching
 from aligners.analysis import SingularAlignment, plot_singular, singular_report
 from aligners.merge import merge_many, weighted_average
-from aligners.ste import ste_matching
+from aligners.ste import classifier_ste_matcher
 from symm.data import digits, mnist1d
-from symm.evaluate import functional, state_dict_of
+from symm.evaluate import state_dict_of
 from symm.io import atomic_write_text
 from symm.models import MLP, MLPConfig, spec_for
 from symm.train import evaluate_classifier, train_classifier
@@ -99,24 +99,8 @@ def trained(dataset: str, data, width: int, seed: int, epochs: int) -> tuple[MLP
 
 
 def ste_matcher(spec, model, data, steps: int, lr: float, seed: int = 0):
-    """STE of one model against its MergeMany target (the recipe of aligners.merge_job._ste_matcher)."""
-    x, y = data.x_train, data.y_train
-    f = functional(model)
-
-    def loss_fn(params, batch):
-        return torch.nn.functional.cross_entropy(f(params, batch[0]), batch[1])
-
-    def batches():
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            for idx in torch.randperm(len(x), generator=gen).split(128):
-                yield x[idx], y[idx]
-
-    def match(target, params, init):
-        return ste_matching(spec, loss_fn, target, params, batches, steps=steps, lr=lr, init=init, seed=seed,
-                            eval_batch=(x[:512], y[:512]), progress=False)
-
-    return match
+    """STE of one model against its MergeMany target (the recipe ``symm merge --method ste`` uses)."""
+    return classifier_ste_matcher(spec, model, data.x_train, data.y_train, steps=steps, lr=lr, seed=seed)
 
 
 def singular_summary(spec, aligned) -> dict:
