@@ -27,13 +27,13 @@ from symm.adapters import infer_spec, is_hf_folder, spec_from_hf
 from symm.adapters.infer import DenseChain
 from symm.checkpoint import Checkpoint, hf_architecture_difference, load_checkpoint
 from symm.data import Split, TokenSplit, digits, mnist1d
-from symm.errors import CheckpointError, DataError, OutputError, SpecError, UsageError
+from symm.errors import CheckpointError, DataError, OutputError, SpecError, UnsupportedArchitecture, UsageError
 from symm.evaluate import functional
 from symm.io import checkpoint_format, compare_state_dicts
 from symm.publish import OutputLock, discard, fault_point, make_staging, publish, recover
 from symm.spec import Spec
 from symm.train import evaluate_classifier
-from symm.user_data import data_kind, folder_tokenizer_tokens, has_tokenizer, limit_samples, load_tensor_split, load_text_tokens
+from symm.user_data import SEQ_LEN, data_kind, folder_tokenizer_tokens, has_tokenizer, limit_samples, load_tensor_split, load_text_tokens
 
 from .activation_matching import activation_matching
 from .barrier import has_batchnorm, naive_vs_aligned, reset_batchnorm
@@ -154,6 +154,12 @@ def _tokenizer_folder(a: Checkpoint, b: Checkpoint) -> Path:
     return a.path if has_tokenizer(a.path) or not has_tokenizer(b.path) else b.path
 
 
+def context_length(config) -> int:
+    """Evaluation window: :data:`SEQ_LEN` tokens, or fewer when the model has fewer positions (learned PE)."""
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return min(SEQ_LEN, int(limit)) if limit else SEQ_LEN
+
+
 def _resolve_hf(a: Checkpoint, b: Checkpoint, data: str | None, dtype: torch.dtype, max_tokens: int | None = None) -> tuple[Spec, Task, str]:
     if a.fmt != b.fmt:
         raise CheckpointError(f"cannot align a Hugging Face folder with a bare state dict ({a.path} is {a.fmt}, {b.path} is {b.fmt})")
@@ -163,10 +169,11 @@ def _resolve_hf(a: Checkpoint, b: Checkpoint, data: str | None, dtype: torch.dty
     compare_state_dicts(a.params, b.params, (str(a.path), str(b.path)))
     spec = spec_from_hf(a.model)
     vocab, folder, path = a.model.config.vocab_size, _tokenizer_folder(a, b), data_path(data)
+    seq_len = context_length(a.model.config)
     if path is None:
-        tokens = folder_tokenizer_tokens(folder, vocab, max_tokens=max_tokens, seed=DATA_SEED)
+        tokens = folder_tokenizer_tokens(folder, vocab, max_tokens=max_tokens, seed=DATA_SEED, seq_len=seq_len)
     else:
-        tokens = load_text_tokens(path, folder, vocab, max_tokens=max_tokens, seed=DATA_SEED)
+        tokens = load_text_tokens(path, folder, vocab, max_tokens=max_tokens, seed=DATA_SEED, seq_len=seq_len)
     a.model.to(dtype)  # evaluation model (B's model keeps its dtype for saving)
     kind = f"Hugging Face {a.model.config.model_type} causal LM ({spec.name})"
     return spec, lm_task(a.model, tokens, hf=True), kind
@@ -277,16 +284,35 @@ def stream_group(spec: Spec, stream: str | None) -> tuple[str, dict[str, torch.T
     return ("signed" if signs else "permutation" if has_stream else "none"), {}
 
 
-def _match_orthogonal(a: Checkpoint, spec: Spec, pa, pb, b_params, seed, backend, progress, info) -> tuple[dict, dict]:
-    """Fold the RMSNorm gains, match the stream O by Procrustes alternated with weight matching, unfold with A's
-    gains (:mod:`aligners.orthogonal_stream`); tied or LayerNorm models are refused by the layout."""
+def orthogonal_layout(a: Checkpoint, pa):
+    """The stream layout of A for the orthogonal stream (:func:`symm.folding.layout_for`); raises with the reason
+    when the model does not allow it (not a Hugging Face folder, tied embeddings, unsupported family)."""
     from symm.folding import layout_for
 
+    if a.fmt != "hf":
+        raise UsageError("--stream orthogonal needs Hugging Face folders (untied GPT-2, Llama, Mixtral, Qwen2-MoE)")
+    return layout_for(a.model, pa)
+
+
+def default_stream(a: Checkpoint, pa, method: str) -> str | None:
+    """The largest stream group the model allows: ``orthogonal`` when its layout derives (weight matching only),
+    else ``None`` (signed or plain permutations, from the Spec)."""
+    if method != "weights":
+        return None
+    try:
+        orthogonal_layout(a, pa)
+    except (UsageError, UnsupportedArchitecture, SpecError) as exc:
+        log.info("orthogonal stream not available (%s): using the catalogue's stream group", exc)
+        return None
+    return "orthogonal"
+
+
+def _match_orthogonal(a: Checkpoint, spec: Spec, pa, pb, b_params, seed, backend, progress, info) -> tuple[dict, dict]:
+    """Fold the norm gains, match the stream O by Procrustes alternated with weight matching, unfold with A's
+    gains (:mod:`aligners.orthogonal_stream`); tied models are refused by the layout."""
     from .orthogonal_stream import match_orthogonal
 
-    if a.fmt != "hf":
-        raise UsageError("--stream orthogonal needs Hugging Face folders (untied Llama, Mixtral, Qwen2-MoE)")
-    layout = layout_for(a.model, pa)
+    layout = orthogonal_layout(a, pa)
     result = match_orthogonal(spec, layout, pa, pb, seed=seed, backend=backend, progress=progress)
     info.sweeps, info.converged = result.rounds, result.converged
     return result(b_params), {"rounds": result.rounds, "folded_distances": result.distances}
@@ -368,9 +394,9 @@ def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend
     t0 = time.perf_counter()
     a, b = load_checkpoint(path_a), load_checkpoint(path_b)
     spec, task, explanation = resolve(a, b, activation, data, max_tokens=max_tokens, max_samples=max_samples)
-    stream_used, stream_fixed = stream_group(spec, stream)
     dtype, stored = eval_dtype(b.params), storage_dtype(b.params)
     pa, pb = cast(a.params, dtype), cast(b.params, dtype)
+    stream_used, stream_fixed = stream_group(spec, stream if stream is not None else default_stream(a, pa, method))
     t_load = time.perf_counter() - t0
     fault_point("loaded")
     info, t1 = MatchInfo(), time.perf_counter()

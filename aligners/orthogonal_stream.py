@@ -1,4 +1,4 @@
-"""Data-free alignment with an orthogonal residual stream (RMSNorm decoders, untied).
+"""Data-free alignment with an orthogonal residual stream (untied RMSNorm decoders; LayerNorm ones with O 1 = 1).
 
 Both checkpoints are folded (:func:`symm.folding.fold`: gains into readers). Then, alternately:
 1. O <- Procrustes: O = U V^T from the SVD of M = sum_b X_A,b^T X_B,b / n_b over the stream tensors (rows =
@@ -10,7 +10,9 @@ Both checkpoints are folded (:func:`symm.folding.fold`: gains into readers). The
 Stop when the Procrustes correction is below ``tol``, when ``patience`` rounds in a row barely lower the folded
 distance, or after ``max_outer`` rounds; the round with the smallest folded distance is kept.
 The aligned B is ``unfold(g . O . fold(B), gains of A)``: it computes B's function and carries A's gains exactly,
-so a lerp of A and the aligned B is the lerp of the folded models.
+so a lerp of A and the aligned B is the lerp of the folded models. LayerNorm biases are B's own, rotated
+(b -> g_A * O (b_B / g_B)): carrying A's biases too would need a bias on every reader (GPT-2's lm_head has none)
+and would make the checkpoint lerp differ from the folded one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from symm.action import act
 from symm.element import GroupElement
 from symm.errors import SpecError
-from symm.folding import StreamLayout, act_orthogonal, fold, gains_of, stream_tensors, unfold
+from symm.folding import StreamLayout, act_orthogonal, fold, gains_of, nearest_orthogonal, stream_tensors, unfold
 from symm.spec import Spec
 
 from .weight_matching import weight_matching
@@ -58,14 +60,14 @@ def free_tensors(spec: Spec, layout: StreamLayout, stream: list[str]) -> list[st
 
 
 def procrustes(a: Params, b: Params, layout: StreamLayout, names: list[str] | None = None) -> torch.Tensor:
-    """argmax_O sum_b <X_A,b, X_B,b O^T> / n_b over orthogonal O: U V^T from the SVD of sum_b X_A,b^T X_B,b / n_b."""
+    """argmax_O sum_b <X_A,b, X_B,b O^T> / n_b over orthogonal O (fixing 1 on a centred stream): the polar factor
+    of sum_b X_A,b^T X_B,b / n_b."""
     xa, xb = stream_tensors(a, layout), stream_tensors(b, layout)
     names = list(xa) if names is None else names
     m = torch.zeros(layout.d, layout.d, dtype=torch.float64)
     for n in names:
         m += xa[n].to(torch.float64).T @ xb[n].to(torch.float64) / xa[n].shape[0]
-    u, _, vh = torch.linalg.svd(m)
-    return u @ vh
+    return nearest_orthogonal(m, layout.centred)
 
 
 def _rel_distance(x: Params, y: Params) -> float:

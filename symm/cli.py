@@ -259,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never overwritten)")
     al.add_argument("--stream", choices=["permutation", "signed", "orthogonal"],
                     help="residual-stream group: permutations only, signed permutations (RMSNorm streams), or "
-                         "orthogonal after folding the RMSNorm gains (untied RMSNorm decoders; the aligned B carries "
-                         "A's gains). Default: signed where allowed, else permutation")
+                         "orthogonal after folding the norm gains (untied RMSNorm and LayerNorm decoders, O 1 = 1 for "
+                         "LayerNorm; the aligned B carries A's gains). Default: the largest the model allows "
+                         "(orthogonal with --method weights where allowed, else signed, else permutation)")
     al.add_argument("--repair", action="store_true", help="also plot the aligned path with REPAIR renormalisation of hidden units")
     al.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     al.set_defaults(func=_cmd_align)

@@ -1,4 +1,4 @@
-"""Gauges of RMSNorm residual streams: fold the norm gains into their readers, act with an orthogonal O, unfold.
+"""Gauges of normalised residual streams: fold the norm gains into their readers, act with an orthogonal O, unfold.
 
 RMSNorm with unit gain commutes with every orthogonal O of the stream (rms(Ox) = rms(x), eps included). After
 :func:`fold` (reader W -> W diag(g), gain -> 1) every stream vector transforms as v -> O v: writers (embedding
@@ -7,10 +7,18 @@ readers (q/k/v, gate/up/fc1, router, shared-expert gate, lm_head) as W -> W O^T;
 :func:`unfold` returns an ordinary checkpoint (reader W -> W diag(1/g), gain := g); unfolding with another model's
 gains keeps the function and carries those gains exactly.
 
+LayerNorm is RMSNorm of the centred stream C x (C = I - 11^T/d) and commutes with every orthogonal O with O 1 = 1
+(then O C = C O). Its bias is a vector of the norm's output space: folded as b -> b / g, rotated b -> O b, unfolded
+b -> g' * b. Every reader of a LayerNorm stream centres, so :func:`fold` also projects the writers onto the
+zero-mean subspace (v -> C v, same function), which keeps the irrelevant mean out of the Procrustes fit.
+
 Families are data: a table of name rules (:data:`FAMILIES`) saying which parameters are gains, which readers each
 gain feeds, and which parameters are writers or readers on which axis. Any parameter no rule knows is refused.
-Tied embeddings are refused: the embedding is then both the first writer and the last reader, and a general O
-survives only if O diag(g) O^T is diagonal (signed permutations do; see the ``stream.sign`` factor).
+Tied embeddings are refused: the embedding E is then both the first writer and the last reader. Writing E -> E O^T
+keeps logits = E diag(g) n(x) only if O^T diag(g) O = diag(g) for the final gain g, i.e. O maps each eigenspace of
+diag(g) to itself: a permutation of equal gains with signs, and rotations only within groups of exactly equal gains.
+For a trained (generic) g that is the signed permutations fixing g: nothing continuous survives (the catalogue's
+``stream.sign`` factor covers RMSNorm; LayerNorm keeps permutations and one global sign).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import torch
 from .errors import SpecError, UnsupportedArchitecture
 
 Params = Mapping[str, torch.Tensor]
-ROLES = ("gain", "reader", "writer", "other", "refuse")
+ROLES = ("gain", "bias", "reader", "writer", "other", "refuse")
 
 TIED_MESSAGE = (
     "tied embeddings: the embedding is both the first stream writer and (through the final norm's gain) the last "
@@ -32,15 +40,13 @@ TIED_MESSAGE = (
     "stream is refused for tied models (use the signed permutations of the catalogue, or untie the checkpoint "
     "explicitly)"
 )
-LAYERNORM_MESSAGE = (
-    "LayerNorm stream (norm bias {name!r}): the orthogonal stream needs RMSNorm (LayerNorm's centring must be "
-    "folded into the writers first, not implemented yet)"
-)
+LAYERNORM_MESSAGE = "norm bias {name!r} in a family whose rules expect RMSNorm (no norm biases)"
 
 
 @dataclass(frozen=True)
 class Rule:
-    """Parameters whose name fully matches ``pattern``: their role, stream axis and (readers) the gain they read.
+    """Parameters whose name fully matches ``pattern``: their role, stream axis and (readers, norm biases) the gain
+    they read or belong to.
 
     ``norm`` is a template formatted with the pattern's groups (``{0}``: the layer index)."""
 
@@ -52,8 +58,8 @@ class Rule:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"rule {self.pattern!r}: role must be one of {ROLES}, got {self.role!r}")
-        if self.role == "reader" and self.norm is None:
-            raise ValueError(f"rule {self.pattern!r}: a reader names the gain it reads")
+        if self.role in ("reader", "bias") and self.norm is None:
+            raise ValueError(f"rule {self.pattern!r}: a {self.role} names its norm's gain")
 
 
 def _r(pattern: str, role: str, axis: int = -1, norm: str | None = None) -> Rule:
@@ -105,12 +111,44 @@ HF_DECODER_RULES: tuple[Rule, ...] = (
     _r(_H + r"\.mlp\.(down_proj\.weight|experts\.down_proj|shared_expert\.down_proj\.weight)", "writer", -2),
 )
 
-#: family name -> rules (``reference`` and the supported Hugging Face ``model_type`` s)
-FAMILIES: dict[str, tuple[Rule, ...]] = {
-    "reference": REFERENCE_RULES,
-    "llama": HF_DECODER_RULES,
-    "mixtral": HF_DECODER_RULES,
-    "qwen2_moe": HF_DECODER_RULES,
+#: reference ``TransformerLM`` with ``norm="layer"``: the RMSNorm rules plus the LayerNorm biases
+REFERENCE_LAYER_RULES: tuple[Rule, ...] = (
+    _r(r"norm\.bias", "bias", norm="norm.weight"),
+    _r(_L + r"\.norm([12])\.bias", "bias", norm="blocks.{0}.norm{1}.weight"),
+) + REFERENCE_RULES
+
+_G = r"transformer\.h\.(\d+)"
+#: Hugging Face GPT-2 (untied): LayerNorm with bias, learned PE, Conv1D layout (in, out)
+GPT2_RULES: tuple[Rule, ...] = (
+    _r(r"transformer\.(wte|wpe)\.weight", "writer"),
+    _r(r"transformer\.ln_f\.weight", "gain"),
+    _r(r"transformer\.ln_f\.bias", "bias", norm="transformer.ln_f.weight"),
+    _r(r"lm_head\.weight", "reader", norm="transformer.ln_f.weight"),
+    _r(_G + r"\.ln_[12]\.weight", "gain"),
+    _r(_G + r"\.(ln_[12])\.bias", "bias", norm="transformer.h.{0}.{1}.weight"),
+    _r(_G + r"\.attn\.c_attn\.weight", "reader", -2, norm="transformer.h.{0}.ln_1.weight"),
+    _r(_G + r"\.mlp\.c_fc\.weight", "reader", -2, norm="transformer.h.{0}.ln_2.weight"),
+    _r(_G + r"\.(attn\.c_attn|mlp\.c_fc)\.bias", "other"),
+    _r(_G + r"\.(attn|mlp)\.c_proj\.(weight|bias)", "writer"),
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family's stream rules and its norm kind (``rms``, or ``layer``: LayerNorm centres the stream)."""
+
+    rules: tuple[Rule, ...]
+    norm: str = "rms"
+
+
+#: family name -> rules (``reference``/``reference-layer`` and the supported Hugging Face ``model_type`` s)
+FAMILIES: dict[str, Family] = {
+    "reference": Family(REFERENCE_RULES),
+    "reference-layer": Family(REFERENCE_LAYER_RULES, "layer"),
+    "llama": Family(HF_DECODER_RULES),
+    "mixtral": Family(HF_DECODER_RULES),
+    "qwen2_moe": Family(HF_DECODER_RULES),
+    "gpt2": Family(GPT2_RULES, "layer"),
 }
 
 
@@ -125,10 +163,11 @@ class StreamTensor:
 
 @dataclass(frozen=True)
 class NormGain:
-    """An RMSNorm gain (shape (d,)) and the readers that read its output."""
+    """A norm's gain (shape (d,)), the readers that read its output, and its bias (LayerNorm) if it has one."""
 
     name: str
     readers: tuple[str, ...]
+    bias: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,8 +177,9 @@ class StreamLayout:
     family: str
     d: int
     norms: tuple[NormGain, ...]
-    tensors: tuple[StreamTensor, ...]
+    tensors: tuple[StreamTensor, ...]  # writers, readers and norm biases (``bias``: v -> O v like a writer)
     untouched: tuple[str, ...] = ()
+    centred: bool = False  # LayerNorm: the stream is centred by every reader; O must fix 1
 
     @property
     def gains(self) -> tuple[str, ...]:
@@ -176,8 +216,9 @@ def derive_layout(params: Params, family: str, *, tied: bool = False) -> StreamL
         raise UnsupportedArchitecture(f"no stream layout for family {family!r}; supported: {', '.join(sorted(FAMILIES))}")
     if tied:
         raise UnsupportedArchitecture(TIED_MESSAGE)
-    rules = FAMILIES[family]
+    rules = FAMILIES[family].rules
     gains: dict[str, list[str]] = {}
+    biases: dict[str, str] = {}  # gain -> its norm's bias
     tensors: list[StreamTensor] = []
     untouched: list[str] = []
     unknown: list[str] = []
@@ -200,6 +241,8 @@ def derive_layout(params: Params, family: str, *, tied: bool = False) -> StreamL
             tensors.append(StreamTensor(name, rule.role, x.dim() + rule.axis))
             if rule.role == "reader":
                 wanted[name] = rule.norm.format(*groups)
+            elif rule.role == "bias":
+                biases[rule.norm.format(*groups)] = name
     if unknown:
         raise UnsupportedArchitecture(
             f"family {family!r}: no stream rule for parameter(s) {', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else "")
@@ -208,9 +251,13 @@ def derive_layout(params: Params, family: str, *, tied: bool = False) -> StreamL
         if gain not in gains:
             raise SpecError(f"{reader} reads the norm {gain!r}, which is not among the parameters")
         gains[gain].append(reader)
+    orphans = sorted(b for g, b in biases.items() if g not in gains)
+    if orphans:
+        raise SpecError(f"norm bias(es) {orphans[:10]} without their gain among the parameters")
     _check_tied_storage(params, tensors)
-    norms = tuple(NormGain(g, tuple(r)) for g, r in gains.items())
-    layout = StreamLayout(family, _stream_width(params, gains), norms, tuple(tensors), tuple(untouched))
+    norms = tuple(NormGain(g, tuple(r), biases.get(g)) for g, r in gains.items())
+    centred = FAMILIES[family].norm == "layer"
+    layout = StreamLayout(family, _stream_width(params, gains), norms, tuple(tensors), tuple(untouched), centred)
     _check_layout(params, layout)
     return layout
 
@@ -226,7 +273,7 @@ def _check_tied_storage(params: Params, tensors: list[StreamTensor]) -> None:
 
 def _stream_width(params: Params, gains: Mapping[str, list[str]]) -> int:
     if not gains:
-        raise UnsupportedArchitecture("no RMSNorm gain found: nothing reads the stream through a norm")
+        raise UnsupportedArchitecture("no norm gain found: nothing reads the stream through a norm")
     sizes = {name: tuple(params[name].shape) for name in gains}
     widths = {s[0] for s in sizes.values() if len(s) == 1}
     if len(widths) != 1 or any(len(s) != 1 for s in sizes.values()):
@@ -253,11 +300,9 @@ def layout_for(model_or_config, params: Params) -> StreamLayout:
 
     config = getattr(model_or_config, "config", model_or_config)
     if isinstance(config, TransformerConfig):
-        if config.norm != "rms":
-            raise UnsupportedArchitecture(LAYERNORM_MESSAGE.format(name="norm=" + config.norm))
         if config.pe == "sinusoidal":
             raise UnsupportedArchitecture("additive sinusoidal PE is a fixed table on the stream: the stream cannot be rotated")
-        return derive_layout(params, "reference", tied=config.tied)
+        return derive_layout(params, "reference" if config.norm == "rms" else "reference-layer", tied=config.tied)
     model_type = getattr(config, "model_type", None)
     if model_type is None:
         raise UnsupportedArchitecture(
@@ -266,7 +311,7 @@ def layout_for(model_or_config, params: Params) -> StreamLayout:
     if model_type not in FAMILIES:
         raise UnsupportedArchitecture(
             f"no orthogonal-stream layout for Hugging Face model_type {model_type!r}; supported: "
-            + ", ".join(sorted(set(FAMILIES) - {"reference"}))
+            + ", ".join(sorted(f for f in FAMILIES if not f.startswith("reference")))
         )
     return derive_layout(params, model_type, tied=bool(getattr(config, "tie_word_embeddings", False)))
 
@@ -299,19 +344,39 @@ def is_folded(params: Params, layout: StreamLayout, atol: float = 0.0) -> bool:
 
 
 def fold(params: Params, layout: StreamLayout) -> dict[str, torch.Tensor]:
-    """Gains into their readers: W -> W diag(g), g -> 1 (same function; new tensors, computed in float64)."""
+    """Gains into their readers: W -> W diag(g), b -> b / g, g -> 1; LayerNorm writers centred (same function; new
+    tensors, computed in float64)."""
     _check_keys(params, layout)
     out = _copy(params)
     for norm in layout.norms:
         g = params[norm.name].detach().to(torch.float64)
+        if norm.bias is not None:
+            _check_nonzero(g, norm.name, "fold")
+            out[norm.bias] = _along(params[norm.bias], 0, lambda b, g=g: b / g)
         for r in norm.readers:
             out[r] = _along(params[r], layout.axis_of(r), lambda w, g=g: w * g)
         out[norm.name] = torch.ones_like(params[norm.name])
+    return centre_writers(out, layout)
+
+
+def centre_writers(params: Params, layout: StreamLayout) -> dict[str, torch.Tensor]:
+    """LayerNorm streams: every writer projected onto the zero-mean subspace, v -> v - mean(v) 1 (same function:
+    every reader centres). RMSNorm streams: unchanged."""
+    out = dict(params)
+    if layout.centred:
+        for t in layout.tensors:
+            if t.role == "writer":
+                out[t.name] = _along(params[t.name], t.axis, lambda v: v - v.mean(-1, keepdim=True))
     return out
 
 
+def _check_nonzero(g: torch.Tensor, name: str, what: str) -> None:
+    if bool((g == 0).any()):
+        raise SpecError(f"{what}: gain {name} has {int((g == 0).sum())} zero entries (cannot divide by them)")
+
+
 def unfold(params: Params, layout: StreamLayout, gains: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Back to an ordinary checkpoint with ``gains``: W -> W diag(1/g), gain := g (``params`` must be folded)."""
+    """Back to an ordinary checkpoint with ``gains``: W -> W diag(1/g), b -> g * b, gain := g (``params`` folded)."""
     _check_keys(params, layout)
     if not is_folded(params, layout, atol=1e-6):
         raise SpecError("unfold expects folded parameters (every norm gain 1): fold first")
@@ -323,11 +388,12 @@ def unfold(params: Params, layout: StreamLayout, gains: Mapping[str, torch.Tenso
         g = gains[norm.name].detach()
         if tuple(g.shape) != (layout.d,):
             raise SpecError(f"unfold: gain {norm.name} has shape {tuple(g.shape)}, expected ({layout.d},)")
-        if bool((g == 0).any()):
-            raise SpecError(f"unfold: gain {norm.name} has {int((g == 0).sum())} zero entries (cannot divide by them)")
+        _check_nonzero(g, norm.name, "unfold")
         g64 = g.to(torch.float64)
         for r in norm.readers:
             out[r] = _along(params[r], layout.axis_of(r), lambda w, g64=g64: w / g64)
+        if norm.bias is not None:
+            out[norm.bias] = _along(params[norm.bias], 0, lambda b, g64=g64: b * g64)
         out[norm.name] = g.to(params[norm.name].dtype).clone()
     return out
 
@@ -343,12 +409,46 @@ def check_orthogonal(O: torch.Tensor, d: int, atol: float = 1e-5) -> torch.Tenso
     return O
 
 
-def act_orthogonal(params: Params, layout: StreamLayout, O: torch.Tensor, *, require_folded: bool = True) -> dict[str, torch.Tensor]:
-    """Every stream vector v -> O v: writers W -> O W, readers W -> W O^T on the stream axis; gains untouched.
+def _complement_basis(d: int) -> torch.Tensor:
+    """An orthonormal basis (d, d-1) of the zero-mean subspace 1^perp (float64, deterministic)."""
+    q, _ = torch.linalg.qr(torch.ones(d, 1, dtype=torch.float64), mode="complete")
+    return q[:, 1:]
 
-    Keeps the function of folded parameters only (``require_folded=False`` is for negative controls)."""
+
+def nearest_orthogonal(m: torch.Tensor, centred: bool = False) -> torch.Tensor:
+    """argmax_O <m, O> over orthogonal O (O 1 = 1 if ``centred``): U V^T of the SVD of m (of m on 1^perp)."""
+    m = m.to(torch.float64)
+    if not centred:
+        u, _, vh = torch.linalg.svd(m)
+        return u @ vh
+    q = _complement_basis(m.shape[0])
+    u, _, vh = torch.linalg.svd(q.T @ m @ q)
+    return q @ (u @ vh) @ q.T + torch.full_like(m, 1.0 / m.shape[0])
+
+
+def random_orthogonal(d: int, generator: torch.Generator, centred: bool = False) -> torch.Tensor:
+    """A Haar-random orthogonal (d, d) matrix in float64 (on 1^perp, fixing 1, if ``centred``)."""
+    n = d - 1 if centred else d
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    if not centred:
+        return q
+    c = _complement_basis(d)
+    return c @ q @ c.T + torch.full((d, d), 1.0 / d, dtype=torch.float64)
+
+
+def act_orthogonal(params: Params, layout: StreamLayout, O: torch.Tensor, *, require_folded: bool = True) -> dict[str, torch.Tensor]:
+    """Every stream vector v -> O v: writers W -> O W, readers W -> W O^T, norm biases b -> O b; gains untouched.
+
+    Keeps the function of folded parameters only (``require_folded=False`` is for negative controls); a centred
+    (LayerNorm) stream also needs O 1 = 1."""
     _check_keys(params, layout)
     O = check_orthogonal(O, layout.d)
+    if layout.centred and require_folded:
+        ones = torch.ones(layout.d, dtype=torch.float64)
+        err = float((O @ ones - ones).abs().max())
+        if not err <= 1e-6:
+            raise SpecError(f"a LayerNorm stream is centred by every reader: O must fix the all-ones vector (|O1 - 1| = {err:.2e})")
     if require_folded and not is_folded(params, layout, atol=1e-6):
         raise SpecError("act_orthogonal keeps the function only with unit norm gains: fold the parameters first")
     out = _copy(params)
@@ -358,7 +458,7 @@ def act_orthogonal(params: Params, layout: StreamLayout, O: torch.Tensor, *, req
 
 
 def stream_tensors(params: Params, layout: StreamLayout) -> dict[str, torch.Tensor]:
-    """Every writer and reader as an (n, d) matrix whose rows are stream vectors (v -> O v under the action)."""
+    """Every writer, reader and norm bias as an (n, d) matrix whose rows are stream vectors (v -> O v)."""
     _check_keys(params, layout)
     return {t.name: params[t.name].detach().movedim(t.axis, -1).reshape(-1, layout.d) for t in layout.tensors}
 
@@ -370,12 +470,15 @@ __all__ = [
     "StreamLayout",
     "StreamTensor",
     "act_orthogonal",
+    "centre_writers",
     "check_orthogonal",
     "derive_layout",
     "fold",
     "gains_of",
     "is_folded",
     "layout_for",
+    "nearest_orthogonal",
+    "random_orthogonal",
     "stream_tensors",
     "unfold",
 ]

@@ -1,6 +1,6 @@
-"""Orthogonal residual stream of RMSNorm decoders: fold / unfold gauges, the orthogonal action on folded weights
-(reference model and transformers logits), negative controls, planted recovery by alternating Procrustes with
-weight matching, and refusal of tied embeddings."""
+"""Orthogonal residual stream of RMSNorm and LayerNorm decoders: fold / unfold gauges, the orthogonal action on
+folded weights (reference model and transformers logits; O 1 = 1 for LayerNorm), negative controls, planted
+recovery by alternating Procrustes with weight matching, and refusal of tied embeddings."""
 
 from __future__ import annotations
 
@@ -16,7 +16,17 @@ from symm.adapters import spec_from_hf
 from symm.element import GroupElement
 from symm.errors import SpecError, UnsupportedArchitecture
 from symm.evaluate import functional
-from symm.folding import act_orthogonal, derive_layout, fold, gains_of, layout_for, stream_tensors, unfold
+from symm.folding import (
+    act_orthogonal,
+    centre_writers,
+    derive_layout,
+    fold,
+    gains_of,
+    layout_for,
+    random_orthogonal,
+    stream_tensors,
+    unfold,
+)
 from symm.models import TransformerConfig, build_model, spec_for
 
 REFERENCE = {
@@ -24,20 +34,26 @@ REFERENCE = {
     "learned-gelu-bias": TransformerConfig(norm="rms", pe="learned", ffn="gelu", attn_bias=True),
     "none-moe-shared": TransformerConfig(norm="rms", pe="none", ffn="moe", gating="topk", shared_expert=True, router_bias=True),
     "rope-qknorm-moe-dense": TransformerConfig(norm="rms", pe="rope", n_kv_heads=1, qk_norm=True, ffn="moe", gating="dense"),
+    "layer-rope-gqa": TransformerConfig(norm="layer", pe="rope", n_kv_heads=2),
+    "layer-learned-gelu-bias": TransformerConfig(norm="layer", pe="learned", ffn="gelu", attn_bias=True),
 }
-HF = ["llama-mqa-untied", "llama-gqa-untied", "mixtral", "qwen2-moe"]
+HF = ["llama-mqa-untied", "llama-gqa-untied", "mixtral", "qwen2-moe", "gpt2-untied"]
+FINAL_NORMS = ("norm.weight", "model.norm.weight", "transformer.ln_f.weight")
 
 
 def _hf(name: str, seed: int = 0):
-    """``hf_models.build`` plus an untied GQA Llama (not in the shared table)."""
-    if name != "llama-gqa-untied":
+    """``hf_models.build`` plus an untied GQA Llama and an untied GPT-2 (not in the shared table)."""
+    if name not in ("llama-gqa-untied", "gpt2-untied"):
         return build(name, seed)
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-        tie_word_embeddings=False,
-    )
+    if name == "gpt2-untied":
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=VOCAB, tie_word_embeddings=False)
+    else:
+        config = LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=48, tie_word_embeddings=False,
+        )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -51,9 +67,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
-def _orthogonal(d: int, seed: int) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))
+def _orthogonal(layout, seed: int) -> torch.Tensor:
+    """A random element of the layout's stream group: any orthogonal O (RMSNorm), O 1 = 1 (LayerNorm)."""
+    return random_orthogonal(layout.d, torch.Generator().manual_seed(seed), layout.centred)
 
 
 def _reference(name: str):
@@ -80,11 +96,14 @@ def test_layout_covers_every_parameter(name):
     assert len(layout.norms) == 2 * n_layers + 1
     readers = [r for n in layout.norms for r in n.readers]
     assert sorted(readers) == sorted(layout.readers)  # every reader reads exactly one norm
-    assert set(layout.gains) | set(layout.writers) | set(layout.readers) | set(layout.untouched) == set(params)
-    final = next(n for n in layout.norms if n.name in ("norm.weight", "model.norm.weight"))
+    assert set(layout.gains) | {t.name for t in layout.tensors} | set(layout.untouched) == set(params)
+    final = next(n for n in layout.norms if n.name in FINAL_NORMS)
     assert final.readers == ("lm_head.weight",)
-    assert stream_factors(spec, layout) == ["stream", "stream.sign"]
-    assert {"lm_head.weight"} <= set(free_tensors(spec, layout, ["stream", "stream.sign"]))
+    assert layout.centred == ("layer" in name or "gpt2" in name)
+    assert all((n.bias is not None) == layout.centred for n in layout.norms)  # LayerNorm biases belong to their gains
+    stream = ["stream"] if layout.centred else ["stream", "stream.sign"]  # LayerNorm: no per-channel signs
+    assert stream_factors(spec, layout) == stream
+    assert {"lm_head.weight"} <= set(free_tensors(spec, layout, stream))
     for t in layout.tensors:
         assert params[t.name].shape[t.axis] == layout.d
 
@@ -98,16 +117,17 @@ def test_unknown_layouts_refused():
     with pytest.raises(SpecError, match="stream axis"):
         derive_layout({**params, "blocks.0.attn.o_proj.weight": torch.zeros(31, 32)}, "reference")
     layer = TransformerConfig(norm="layer", pe="rope")
-    with pytest.raises(UnsupportedArchitecture, match="LayerNorm"):
-        layout_for(layer, reference_params(layer, 0))
-    with pytest.raises(UnsupportedArchitecture, match="LayerNorm"):  # from the names alone, too
+    with pytest.raises(UnsupportedArchitecture, match="norm bias.*expect RMSNorm"):  # LayerNorm under RMSNorm rules
         derive_layout(reference_params(layer, 0), "reference")
     sinus = TransformerConfig(norm="rms", pe="sinusoidal")
     with pytest.raises(UnsupportedArchitecture, match="sinusoidal"):
         layout_for(sinus, reference_params(sinus, 0))
-    gpt2 = build("gpt2")
-    with pytest.raises(UnsupportedArchitecture, match="gpt2"):
+    gpt2 = build("gpt2")  # ties by default
+    with pytest.raises(UnsupportedArchitecture, match="tied embeddings"):
         layout_for(gpt2, params_of(gpt2))
+    xglm = build("xglm")
+    with pytest.raises(UnsupportedArchitecture, match="xglm"):
+        layout_for(xglm, params_of(xglm))
 
 
 def test_tied_models_refused():
@@ -136,12 +156,33 @@ def test_fold_unfold_round_trip_float64(name):
         unfold(params, layout, gains_of(params, layout))
 
 
+def test_fold_unfold_layernorm():
+    """LayerNorm: biases b -> b / g and back; writers centred (the only change a round trip leaves)."""
+    _, layout, params, f = _reference("layer-learned-gelu-bias")
+    folded = fold(params, layout)
+    assert layout.centred and all(n.bias for n in layout.norms)
+    for n in layout.norms:
+        assert torch.allclose(folded[n.bias], params[n.bias] / params[n.name], rtol=1e-15, atol=0)
+    for w in layout.writers:
+        axis = layout.axis_of(w)
+        assert float(params[w].mean(axis).abs().max()) > 1e-3  # the reference writers are not centred ...
+        assert float(folded[w].mean(axis).abs().max()) <= 1e-15  # ... the folded ones are
+    assert _rel(f(centre_writers(params, layout)), f(params)) <= 1e-12  # centring keeps the function
+    back = unfold(folded, layout, gains_of(params, layout))
+    centred = centre_writers(params, layout)
+    assert max(_rel(back[k], centred[k]) for k in params) <= 1e-15
+    assert all(torch.equal(back[g], params[g]) for g in layout.gains)
+    with pytest.raises(SpecError, match="folded"):
+        unfold(params, layout, gains_of(params, layout))
+
+
 @pytest.mark.parametrize("name", HF)
 def test_fold_unfold_round_trip_float32(name):
     _, layout, params, _ = _hf_case(name)
     back = unfold(fold(params, layout), layout, gains_of(params, layout))
     assert all(back[k].dtype == torch.float32 for k in back)
     assert all(torch.equal(back[g], params[g]) for g in layout.gains)
+    params = _centred(params, layout)  # GPT-2: writers come back centred
     assert max(_rel(back[k], params[k]) for k in params) <= 3e-7  # measured <= 1.1e-7: the folded weights are stored in float32
 
 
@@ -152,7 +193,7 @@ def test_reference_model_fold_and_rotation_keep_the_function(name):
     folded = fold(params, layout)
     assert _rel(f(folded), base) <= 1e-12
     for seed in range(3):
-        O = _orthogonal(layout.d, seed)
+        O = _orthogonal(layout, seed)
         moved = act_orthogonal(folded, layout, O)
         assert _rel(f(moved), base) <= 1e-12
         # the rows of every stream tensor move as v -> O v
@@ -164,6 +205,11 @@ def test_reference_model_fold_and_rotation_keep_the_function(name):
         act_orthogonal(params, layout, O)
     with pytest.raises(SpecError, match="not orthogonal"):
         act_orthogonal(folded, layout, 2 * O)
+    if layout.centred:  # LayerNorm: an O that moves the all-ones vector is refused, and would change the function
+        free = random_orthogonal(layout.d, torch.Generator().manual_seed(5))
+        with pytest.raises(SpecError, match="all-ones"):
+            act_orthogonal(folded, layout, free)
+        assert _rel(f(act_orthogonal(folded, layout, free, require_folded=False)), base) > 1e-2
 
 
 @pytest.mark.parametrize("name", HF)
@@ -173,7 +219,7 @@ def test_transformers_logits_fold_and_rotation(name):
     folded = fold(params, layout)
     assert _rel(f(folded), base) <= 1e-5  # measured <= 3.7e-7
     for seed in range(3):
-        O = _orthogonal(layout.d, seed)
+        O = _orthogonal(layout, seed)
         assert _rel(f(act_orthogonal(folded, layout, O)), base) <= 1e-5  # measured <= 4.6e-7
         assert _rel(f(act_orthogonal(params, layout, O, require_folded=False)), base) > 1e-2  # measured > 1
 
@@ -185,11 +231,16 @@ def _plant(spec, layout, params, seed: int):
     stream = stream_factors(spec, layout)
     h = GroupElement.sample(spec, seed).replace(**{n: spec.factors[n].identity() for n in stream})
     p64 = {k: v.double() for k, v in params.items()}
-    O = _orthogonal(layout.d, seed + 100)
+    O = _orthogonal(layout, seed + 100)
     gen = torch.Generator().manual_seed(seed + 200)
     gains_b = {g: 0.5 + torch.rand(layout.d, generator=gen, dtype=torch.float64) for g in layout.gains}
     b = unfold(act_orthogonal(act(spec, fold(p64, layout), h), layout, O), layout, gains_b)
     return {k: v.to(params[k].dtype) for k, v in b.items()}
+
+
+def _centred(params, layout):
+    """``params`` with LayerNorm writers centred (what an aligned B is compared with: no reader sees the mean)."""
+    return {k: v.to(params[k].dtype) for k, v in centre_writers(params, layout).items()}
 
 
 def _check_planted(spec, layout, a, f, tol_fn, tol_dist, **kwargs):
@@ -203,14 +254,14 @@ def _check_planted(spec, layout, a, f, tol_fn, tol_dist, **kwargs):
     aligned = result(b)
     assert _rel(f(aligned), f(b)) <= tol_fn  # aligned B computes B's function
     assert all(torch.equal(aligned[k], a[k]) for k in layout.gains)  # and carries A's gains exactly
-    dist = rel_distance(aligned, a)
+    dist = rel_distance(aligned, _centred(a, layout))
     assert dist <= tol_dist, dist
     for name in stream_factors(spec, layout):
         assert spec.factors[name].is_identity(g.values[name], atol=0.0)
     return result
 
 
-@pytest.mark.parametrize("name", ["rope-swiglu-gqa", "learned-gelu-bias", "none-moe-shared"])
+@pytest.mark.parametrize("name", ["rope-swiglu-gqa", "learned-gelu-bias", "none-moe-shared", "layer-rope-gqa", "layer-learned-gelu-bias"])
 def test_planted_recovery_reference(name):
     spec, layout, params, f = _reference(name)
     result = _check_planted(spec, layout, params, f, tol_fn=1e-12, tol_dist=1e-9)  # measured <= 4.4e-15
@@ -223,7 +274,7 @@ def test_planted_recovery_transformers(name):
     _check_planted(spec, layout, params, f, tol_fn=1e-5, tol_dist=1e-5)  # measured <= 3.6e-6 (fn <= 3.7e-7)
 
 
-@pytest.mark.parametrize("name", ["rope-swiglu-gqa", "llama-gqa-untied"])
+@pytest.mark.parametrize("name", ["rope-swiglu-gqa", "llama-gqa-untied", "gpt2-untied"])
 def test_planted_recovery_by_alternation(name):
     """First fit on every stream tensor (heads and units still scrambled): the alternation has to do the work."""
     spec, layout, params, f = _reference(name) if name in REFERENCE else _hf_case(name)

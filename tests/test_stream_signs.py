@@ -133,17 +133,36 @@ def test_align_stream_option(tmp_path):
         stream_group(spec_from_hf(build("gpt2")), "signed")
 
 
-def test_align_stream_orthogonal(tmp_path):
-    """Untied Llama folders: the aligned B loads, computes B's logits and carries A's gains; tied ones exit 2."""
+def _untied_gpt2(seed: int):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=VOCAB, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _is_gain(key: str) -> bool:
+    return key.endswith(("layernorm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")) or key == "model.norm.weight"
+
+
+@pytest.mark.parametrize("family", ["llama-mqa-untied", "gpt2-untied"])
+def test_align_stream_orthogonal(tmp_path, family):
+    """Untied Llama / GPT-2 folders: the aligned B loads, computes B's logits and carries A's gains; it is the
+    default there; tied ones exit 2."""
     from transformers import AutoModelForCausalLM
 
     folder = tmp_path / "in"
     for seed, name in ((0, "a"), (1, "b")):
-        build("llama-mqa-untied", seed=seed).save_pretrained(folder / name)
+        (_untied_gpt2(seed) if family == "gpt2-untied" else build(family, seed=seed)).save_pretrained(folder / name)
     out = tmp_path / "ortho"
-    assert main(["align", str(folder / "a"), str(folder / "b"), "--stream", "orthogonal", "--out", str(out), "--quiet", "--points", "3"]) == 0
+    assert main(["align", str(folder / "a"), str(folder / "b"), "--out", str(out), "--quiet", "--points", "3"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["stream"] == "orthogonal" and report["orthogonal"]["rounds"] >= 1
+    assert report["stream"] == "orthogonal" and report["orthogonal"]["rounds"] >= 1  # the default when allowed
     a = AutoModelForCausalLM.from_pretrained(folder / "a")
     b = AutoModelForCausalLM.from_pretrained(folder / "b")
     aligned = AutoModelForCausalLM.from_pretrained(out / "aligned_model")
@@ -151,9 +170,12 @@ def test_align_stream_orthogonal(tmp_path):
     with torch.no_grad():
         assert _rel(aligned(tokens).logits, b(tokens).logits) <= 1e-5
     sa, sb = a.state_dict(), aligned.state_dict()
-    for k in sa:
-        if k.endswith("layernorm.weight") or k == "model.norm.weight":
-            assert torch.equal(sa[k], sb[k]), k  # A's gains exactly
+    gains = [k for k in sa if _is_gain(k)]
+    assert len(gains) == 5
+    for k in gains:
+        assert torch.equal(sa[k], sb[k]), k  # A's gains exactly
+    if family == "gpt2-untied":
+        return
     tied = tmp_path / "tied"
     for seed, name in ((0, "a"), (1, "b")):
         build("llama-gqa-tied", seed=seed).save_pretrained(tied / name)
