@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Checkpoint", "Task", "align", "load_checkpoint", "lm_task", "resolve"]
 
-METHODS = ("weights", "activations")
+METHODS = ("weights", "activations", "learned")
 #: residual-stream groups a user may ask for (``None``: the largest the model allows)
 STREAMS = ("permutation", "signed", "orthogonal")
 DATASETS = ("digits", "mnist1d", "text")
@@ -67,6 +67,7 @@ class Task:
     inputs: torch.Tensor  # training inputs (activations, BatchNorm reset)
     evaluate_fn: Callable[[Params], tuple[float, float]] = field(repr=False)
     probe: Callable[[Params], list[torch.Tensor]] | None = field(default=None, repr=False)
+    windows: torch.Tensor | None = field(default=None, repr=False)  # LM tasks: (n, seq + 1) training token windows
 
     def evaluate(self, params) -> tuple[float, float]:
         return self.evaluate_fn(params)
@@ -118,7 +119,7 @@ def lm_task(model: nn.Module, tokens: TokenSplit, hf: bool) -> Task:
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
         return loss, (logits.argmax(-1) == y).float().mean().item()
 
-    return Task(model, tokens.name, tokens.train[:, :-1], evaluate, lambda params: [logits_at(params, x[:4])])
+    return Task(model, tokens.name, tokens.train[:, :-1], evaluate, lambda params: [logits_at(params, x[:4])], tokens.train)
 
 
 def _split(name: str) -> Split:
@@ -241,8 +242,8 @@ def check_arguments(
         raise UsageError(f"--stream must be one of {', '.join(STREAMS)}, got {stream!r}")
     if method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if stream == "orthogonal" and method != "weights":
-        raise UsageError("--stream orthogonal works with --method weights only")
+    if stream == "orthogonal" and method == "activations":
+        raise UsageError("--stream orthogonal works with --method weights or learned (not activations yet)")
     if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 2:
         raise UsageError(f"--points must be an integer of at least 2 (the endpoints A and B), got {n_points!r}")
     if activation is not None and activation not in ACTIVATIONS:
@@ -295,9 +296,9 @@ def orthogonal_layout(a: Checkpoint, pa):
 
 
 def default_stream(a: Checkpoint, pa, method: str) -> str | None:
-    """The largest stream group the model allows: ``orthogonal`` when its layout derives (weight matching only),
-    else ``None`` (signed or plain permutations, from the Spec)."""
-    if method != "weights":
+    """The largest stream group the model allows: ``orthogonal`` when its layout derives (weight or learned
+    matching), else ``None`` (signed or plain permutations, from the Spec)."""
+    if method == "activations":
         return None
     try:
         orthogonal_layout(a, pa)
@@ -316,6 +317,28 @@ def _match_orthogonal(a: Checkpoint, spec: Spec, pa, pb, b_params, seed, backend
     result = match_orthogonal(spec, layout, pa, pb, seed=seed, backend=backend, progress=progress)
     info.sweeps, info.converged = result.rounds, result.converged
     return result(b_params), {"rounds": result.rounds, "folded_distances": result.distances}
+
+
+def _match_learned(a: Checkpoint, spec: Spec, task: Task, pa, pb, b_params, stream_used: str, fixed, seed, backend, progress,
+                   info) -> tuple[dict, dict]:
+    """Weight matching (with the orthogonal stream when used), then the continuous factors and O learned on the
+    midpoint loss of the training windows (:mod:`aligners.learned`)."""
+    from .learned import learned_matching
+    from .orthogonal_stream import match_orthogonal
+
+    if task.windows is None:
+        raise UsageError("--method learned fits the loss of the midpoint model on token windows: it needs a language "
+                         "model (Hugging Face folders)")
+    layout = O = None
+    if stream_used == "orthogonal":
+        layout = orthogonal_layout(a, pa)
+        start = match_orthogonal(spec, layout, pa, pb, seed=seed, backend=backend, progress=progress)
+        g, O = start.g, start.O
+        info.sweeps, info.converged = start.rounds, start.converged
+    else:
+        g = weight_matching(spec, pa, pb, seed=seed, backend=backend, progress=progress, info=info, fixed=fixed or None)
+    result = learned_matching(spec, task.model, pa, pb, task.windows, init=g, layout=layout, O=O, seed=seed, progress=progress)
+    return result(b_params), result.summary()
 
 
 def _match(method, spec, task, pa, pb, seed, backend, progress, info, fixed=None):
@@ -400,8 +423,10 @@ def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend
     t_load = time.perf_counter() - t0
     fault_point("loaded")
     info, t1 = MatchInfo(), time.perf_counter()
-    ortho = None
-    if stream_used == "orthogonal":
+    ortho = learned = None
+    if method == "learned":
+        aligned, learned = _match_learned(a, spec, task, pa, pb, b.params, stream_used, stream_fixed, seed, backend, progress, info)
+    elif stream_used == "orthogonal":
         aligned, ortho = _match_orthogonal(a, spec, pa, pb, b.params, seed, backend, progress, info)
     else:
         g = _match(method, spec, task, pa, pb, seed, backend, progress, info, stream_fixed or None)
@@ -422,6 +447,7 @@ def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend
         "method": method,
         "stream": stream_used,
         **({"orthogonal": ortho} if ortho else {}),
+        **({"learned": learned} if learned else {}),
         "backend": backend,
         "repair": use_repair,
         "data": task.data_name,

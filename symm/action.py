@@ -28,12 +28,26 @@ def act(spec: "Spec", params: Mapping[str, torch.Tensor], g: "GroupElement") -> 
     return {name: act_param(spec, spec.params[name], x, g.values) for name, x in params.items()}
 
 
-def act_param(spec: "Spec", ps: "ParamSpec", x: torch.Tensor, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Apply shifts then linear factors to one tensor."""
+def act_differentiable(spec: "Spec", params: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``g . params`` in float64 with gradients flowing to ``params`` and to the element ``values`` (a mapping
+    factor -> value, not checked: learned matching moves continuous values by gradient steps)."""
+    spec.check_params(params)
+    return {name: act_param(spec, spec.params[name], x, values, differentiable=True) for name, x in params.items()}
+
+
+def act_param(
+    spec: "Spec", ps: "ParamSpec", x: torch.Tensor, values: Mapping[str, torch.Tensor], differentiable: bool = False
+) -> torch.Tensor:
+    """Apply shifts then linear factors to one tensor (``differentiable``: keep the graph, return float64)."""
     if not ps.shifts and not any(seg.acts for _, _, seg in ps.segments()):
-        return x.clone()
+        return x.to(torch.float64) if differentiable else x.clone()
     if not torch.is_floating_point(x):
         raise SpecError(f"cannot transform a tensor of dtype {x.dtype}: symmetry factors act on floating-point weights")
+    if differentiable:
+        y = x.to(torch.float64)
+        for shift in ps.shifts:
+            y = spec.factors[shift.factor].shift(y, values[shift.factor], shift.axis)
+        return apply_linear(spec, ps, y, values, keep_identities=True)
     y = x.detach() if _exact_in_any_dtype(spec, ps, values) else x.detach().to(torch.float64)
     for shift in ps.shifts:
         factor = spec.factors[shift.factor]
@@ -53,9 +67,11 @@ def _exact_in_any_dtype(spec: "Spec", ps: "ParamSpec", values: Mapping[str, torc
 
 
 def apply_linear(
-    spec: "Spec", ps: "ParamSpec", y: torch.Tensor, values: Mapping[str, torch.Tensor], skip_axis: int | None = None
+    spec: "Spec", ps: "ParamSpec", y: torch.Tensor, values: Mapping[str, torch.Tensor], skip_axis: int | None = None,
+    keep_identities: bool = False,
 ) -> torch.Tensor:
-    """Apply every linear (non-translation) factor of ``ps`` to ``y``, deepest factors first."""
+    """Apply every linear (non-translation) factor of ``ps`` to ``y``, deepest factors first (identity elements
+    skipped unless ``keep_identities``: a gradient must reach them)."""
     jobs = [
         (spec.depth(on.factor), axis, offset, seg.size, on)
         for axis, offset, seg in ps.segments()
@@ -66,7 +82,7 @@ def apply_linear(
     for _, axis, offset, size, on in jobs:
         factor = spec.factors[on.factor]
         element = values[on.factor]
-        if factor.is_identity(element, atol=0.0):
+        if not (keep_identities and factor.is_continuous) and factor.is_identity(element, atol=0.0):
             continue
         seg = y.narrow(axis, offset, size)
         if on.batch_axis is None and isinstance(factor, Permutation):  # fast path: gather along the axis itself

@@ -233,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     al = sub.add_parser("align", help="align checkpoint B onto A and plot the linear-mode-connectivity barrier")
     al.add_argument("a", help="checkpoint A: .safetensors/.pt state dict or Hugging Face folder")
     al.add_argument("b", help="checkpoint B (same architecture)")
-    al.add_argument("--method", choices=["weights", "activations"], default="weights")
+    al.add_argument("--method", choices=["weights", "activations", "learned"], default="weights",
+                    help="weight matching (default), activation matching, or learned: weight matching, then the continuous "
+                         "factors and the stream O fitted to the midpoint loss on the training windows (language models)")
     al.add_argument("--data", metavar="digits|mnist1d|text|FILE|DIR",
                     help="evaluation data: a dataset name, a UTF-8 text file (language models; tokenised by the folder's own "
                          "tokenizer, else bytes), or tensors for classifiers (a .npz/.safetensors file with 'inputs' and "

@@ -409,7 +409,7 @@ def check_orthogonal(O: torch.Tensor, d: int, atol: float = 1e-5) -> torch.Tenso
     return O
 
 
-def _complement_basis(d: int) -> torch.Tensor:
+def complement_basis(d: int) -> torch.Tensor:
     """An orthonormal basis (d, d-1) of the zero-mean subspace 1^perp (float64, deterministic)."""
     q, _ = torch.linalg.qr(torch.ones(d, 1, dtype=torch.float64), mode="complete")
     return q[:, 1:]
@@ -421,7 +421,7 @@ def nearest_orthogonal(m: torch.Tensor, centred: bool = False) -> torch.Tensor:
     if not centred:
         u, _, vh = torch.linalg.svd(m)
         return u @ vh
-    q = _complement_basis(m.shape[0])
+    q = complement_basis(m.shape[0])
     u, _, vh = torch.linalg.svd(q.T @ m @ q)
     return q @ (u @ vh) @ q.T + torch.full_like(m, 1.0 / m.shape[0])
 
@@ -433,7 +433,7 @@ def random_orthogonal(d: int, generator: torch.Generator, centred: bool = False)
     q = q * torch.sign(torch.diagonal(r))
     if not centred:
         return q
-    c = _complement_basis(d)
+    c = complement_basis(d)
     return c @ q @ c.T + torch.full((d, d), 1.0 / d, dtype=torch.float64)
 
 
@@ -472,6 +472,7 @@ __all__ = [
     "act_orthogonal",
     "centre_writers",
     "check_orthogonal",
+    "complement_basis",
     "derive_layout",
     "fold",
     "gains_of",
