@@ -242,8 +242,6 @@ def check_arguments(
         raise UsageError(f"--stream must be one of {', '.join(STREAMS)}, got {stream!r}")
     if method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if stream == "orthogonal" and method == "activations":
-        raise UsageError("--stream orthogonal works with --method weights or learned (not activations yet)")
     if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 2:
         raise UsageError(f"--points must be an integer of at least 2 (the endpoints A and B), got {n_points!r}")
     if activation is not None and activation not in ACTIVATIONS:
@@ -296,10 +294,8 @@ def orthogonal_layout(a: Checkpoint, pa):
 
 
 def default_stream(a: Checkpoint, pa, method: str) -> str | None:
-    """The largest stream group the model allows: ``orthogonal`` when its layout derives (weight or learned
-    matching), else ``None`` (signed or plain permutations, from the Spec)."""
-    if method == "activations":
-        return None
+    """The largest stream group the model allows: ``orthogonal`` when its layout derives, else ``None`` (signed
+    or plain permutations, from the Spec)."""
     try:
         orthogonal_layout(a, pa)
     except (UsageError, UnsupportedArchitecture, SpecError) as exc:
@@ -308,13 +304,17 @@ def default_stream(a: Checkpoint, pa, method: str) -> str | None:
     return "orthogonal"
 
 
-def _match_orthogonal(a: Checkpoint, spec: Spec, pa, pb, b_params, seed, backend, progress, info) -> tuple[dict, dict]:
-    """Fold the norm gains, match the stream O by Procrustes alternated with weight matching, unfold with A's
-    gains (:mod:`aligners.orthogonal_stream`); tied models are refused by the layout."""
-    from .orthogonal_stream import match_orthogonal
+def _match_orthogonal(a: Checkpoint, spec: Spec, pa, pb, b_params, seed, backend, progress, info, task: Task | None = None
+                      ) -> tuple[dict, dict]:
+    """Fold the norm gains, match the stream O by Procrustes (alternated with weight matching, or on activations
+    when ``task`` is given), unfold with A's gains (:mod:`aligners.orthogonal_stream`); tied models are refused."""
+    from .orthogonal_stream import match_orthogonal, match_orthogonal_activations
 
     layout = orthogonal_layout(a, pa)
-    result = match_orthogonal(spec, layout, pa, pb, seed=seed, backend=backend, progress=progress)
+    if task is not None:
+        result = match_orthogonal_activations(spec, layout, task.model, pa, pb, task.inputs, seed=seed, backend=backend, progress=progress)
+    else:
+        result = match_orthogonal(spec, layout, pa, pb, seed=seed, backend=backend, progress=progress)
     info.sweeps, info.converged = result.rounds, result.converged
     return result(b_params), {"rounds": result.rounds, "folded_distances": result.distances}
 
@@ -427,7 +427,8 @@ def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend
     if method == "learned":
         aligned, learned = _match_learned(a, spec, task, pa, pb, b.params, stream_used, stream_fixed, seed, backend, progress, info)
     elif stream_used == "orthogonal":
-        aligned, ortho = _match_orthogonal(a, spec, pa, pb, b.params, seed, backend, progress, info)
+        by_activations = task if method == "activations" else None
+        aligned, ortho = _match_orthogonal(a, spec, pa, pb, b.params, seed, backend, progress, info, by_activations)
     else:
         g = _match(method, spec, task, pa, pb, seed, backend, progress, info, stream_fixed or None)
         aligned = act(spec, b.params, g)  # in B's own dtype: this is what is written

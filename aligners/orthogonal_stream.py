@@ -167,9 +167,60 @@ def match_orthogonal(
     return OrthogonalMatch(spec, layout, best[1], best[2], gains_of(params_a, layout), distances, len(distances), converged)
 
 
+def match_orthogonal_activations(
+    spec: Spec,
+    layout: StreamLayout,
+    model: torch.nn.Module,
+    params_a: Params,
+    params_b: Params,
+    inputs: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    seed: int = 0,
+    backend: str = "auto",
+    max_sweeps: int = 100,
+    progress: bool = False,
+) -> OrthogonalMatch:
+    """The stream O from activations: Procrustes on the cross-covariance of the normalised streams of the folded
+    models (every norm's output, summed); heads and units from their activations too
+    (:mod:`aligners.activation_matching`); weight matching then solves what is left (GL / RoPE per head, scalings)."""
+    from .activation_matching import collect_activations, decide_from_activations
+
+    spec.check_params(params_a, what="checkpoint A")
+    spec.check_params(params_b, what="checkpoint B")
+    stream = stream_factors(spec, layout)
+    if not stream:
+        raise SpecError(f"spec {spec.name}: no factor acts on the residual stream (is the layout right?)")
+    a_f, b_f = fold(_f64(params_a), layout), fold(_f64(params_b), layout)
+    dtype = next(v.dtype for v in params_a.values() if torch.is_floating_point(v))
+    acts = collect_activations(spec, model, _cast(a_f, dtype), _cast(b_f, dtype), inputs, batch_size, progress)
+    cross = [c for name, c in acts.stream_cross.items() if name in stream]
+    if not cross:
+        raise SpecError(f"spec {spec.name}: no norm output found for the stream (activation hooks)")
+    O = nearest_orthogonal(sum(cross), layout.centred)
+    fixed = decide_from_activations(spec, acts, {n: spec.factors[n].identity() for n in stream}, backend)
+    rotated = act_orthogonal(b_f, layout, O)
+    g = weight_matching(spec, a_f, rotated, fixed=fixed, seed=seed, backend=backend, max_sweeps=max_sweeps, progress=progress)
+    dist = _rel_distance(act(spec, rotated, g), a_f)
+    log.info("orthogonal stream from activations: folded distance %.4g", dist)
+    return OrthogonalMatch(spec, layout, O, g, gains_of(params_a, layout), [dist], 1, True)
+
+
+def _cast(params: Params, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in params.items()}
+
+
 def align_orthogonal(spec: Spec, layout: StreamLayout, params_a: Params, params_b: Params, **kwargs) -> dict[str, torch.Tensor]:
     """The aligned B: computes B's function, carries A's gains, stream rotated and heads/units/experts matched to A."""
     return match_orthogonal(spec, layout, params_a, params_b, **kwargs)(params_b)
 
 
-__all__ = ["OrthogonalMatch", "align_orthogonal", "free_tensors", "match_orthogonal", "procrustes", "stream_factors"]
+__all__ = [
+    "OrthogonalMatch",
+    "align_orthogonal",
+    "free_tensors",
+    "match_orthogonal",
+    "match_orthogonal_activations",
+    "procrustes",
+    "stream_factors",
+]

@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="residual-stream group: permutations only, signed permutations (RMSNorm streams), or "
                          "orthogonal after folding the norm gains (untied RMSNorm and LayerNorm decoders, O 1 = 1 for "
                          "LayerNorm; the aligned B carries A's gains). Default: the largest the model allows "
-                         "(orthogonal with --method weights where allowed, else signed, else permutation)")
+                         "(orthogonal where allowed, else signed, else permutation)")
     al.add_argument("--repair", action="store_true", help="also plot the aligned path with REPAIR renormalisation of hidden units")
     al.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     al.set_defaults(func=_cmd_align)
