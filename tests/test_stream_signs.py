@@ -183,4 +183,5 @@ def test_align_stream_orthogonal(tmp_path, family):
     assert main(["align", str(tied / "a"), str(tied / "b"), "--stream", "orthogonal", "--out", str(bad), "--quiet"]) == 2
     assert not bad.exists()
     assert main(["align", str(folder / "a"), str(folder / "b"), "--stream", "orthogonal", "--method", "activations",
-                 "--out", str(bad), "--quiet"]) == 2
+                 "--out", str(bad), "--quiet", "--points", "3"]) == 0  # the stream O from activations
+    assert json.loads((bad / "report.json").read_text())["stream"] == "orthogonal"
