@@ -60,3 +60,45 @@ def logits_fn(model, tokens: torch.Tensor):
             return model(tokens).logits
 
     return f
+
+
+# ---- families added with the declarative adapters (tests/test_hf_families.py); appended, the above is unchanged
+
+
+def family_configs() -> dict:
+    """Tiny configs of the RoPE families beyond Llama: Mistral, Qwen2, Qwen3, OLMo2, Phi-3 (and Llama with biases)."""
+    from transformers import (
+        Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config,
+    )
+
+    small = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48)
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return {
+        "mistral": MistralConfig(head_dim=8, sliding_window=5, **small, **ids),
+        "qwen2": Qwen2Config(tie_word_embeddings=True, **small, **ids),
+        "qwen3": Qwen3Config(head_dim=8, **small, **ids),
+        "qwen3-bias": Qwen3Config(head_dim=8, attention_bias=True, tie_word_embeddings=True, **small, **ids),
+        "olmo2": Olmo2Config(**small, **ids),
+        "olmo2-bias": Olmo2Config(attention_bias=True, tie_word_embeddings=True, **small, **ids),
+        "phi3": Phi3Config(**small, **ids),
+        "llama-bias": LlamaConfig(attention_bias=True, mlp_bias=True, **small, **ids),
+        "gemma": GemmaConfig(head_dim=8, **small, **ids),
+        "gemma2": Gemma2Config(head_dim=8, sliding_window=5, query_pre_attn_scalar=8, **small, **ids),
+        "gemma3": Gemma3TextConfig(
+            head_dim=8, sliding_window=5, query_pre_attn_scalar=8, final_logit_softcapping=5.0, attn_logit_softcapping=10.0,
+            layer_types=["sliding_attention", "full_attention"], **small, **ids,
+        ),
+    }
+
+
+def build_family(name: str, seed: int = 0):
+    """As :func:`build`, for :func:`family_configs`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_configs()[name]).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
