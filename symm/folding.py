@@ -98,17 +98,20 @@ HF_DECODER_RULES: tuple[Rule, ...] = (
     _r(r"model\.norm\.weight", "gain"),
     _r(r"lm_head\.weight", "reader", norm="model.norm.weight"),
     _r(_H + r"\.(input_layernorm|post_attention_layernorm)\.weight", "gain"),
-    _r(_H + r"\.self_attn\.[qkv]_proj\.weight", "reader", norm="model.layers.{0}.input_layernorm.weight"),
+    _r(_H + r"\.self_attn\.([qkv]|qkv)_proj\.weight", "reader", norm="model.layers.{0}.input_layernorm.weight"),
     _r(_H + r"\.self_attn\.[qkv]_proj\.bias", "other"),
+    _r(_H + r"\.self_attn\.[qk]_norm\.weight", "other"),  # Qwen3 per-head QK-norm acts on head dims, not the stream
     _r(_H + r"\.self_attn\.o_proj\.weight", "writer", -2),
     _r(_H + r"\.self_attn\.o_proj\.bias", "writer"),
     _r(
-        _H + r"\.mlp\.(gate_proj\.weight|up_proj\.weight|gate\.weight|experts\.gate_up_proj"
+        _H + r"\.mlp\.(gate_proj\.weight|up_proj\.weight|gate_up_proj\.weight|gate\.weight|experts\.gate_up_proj"
         r"|shared_expert\.gate_proj\.weight|shared_expert\.up_proj\.weight|shared_expert_gate\.weight)",
         "reader",
         norm="model.layers.{0}.post_attention_layernorm.weight",
     ),
     _r(_H + r"\.mlp\.(down_proj\.weight|experts\.down_proj|shared_expert\.down_proj\.weight)", "writer", -2),
+    _r(_H + r"\.mlp\.(gate_proj|up_proj)\.bias", "other"),
+    _r(_H + r"\.mlp\.down_proj\.bias", "writer"),
 )
 
 #: reference ``TransformerLM`` with ``norm="layer"``: the RMSNorm rules plus the LayerNorm biases
@@ -135,10 +138,12 @@ GPT2_RULES: tuple[Rule, ...] = (
 
 @dataclass(frozen=True)
 class Family:
-    """A family's stream rules and its norm kind (``rms``, or ``layer``: LayerNorm centres the stream)."""
+    """A family's stream rules, its norm kind (``rms``, or ``layer``: LayerNorm centres the stream) and the offset
+    of its stored gains (Gemma stores w and scales by 1 + w: offset 1)."""
 
     rules: tuple[Rule, ...]
     norm: str = "rms"
+    gain_offset: float = 0.0
 
 
 #: family name -> rules (``reference``/``reference-layer`` and the supported Hugging Face ``model_type`` s)
@@ -146,6 +151,11 @@ FAMILIES: dict[str, Family] = {
     "reference": Family(REFERENCE_RULES),
     "reference-layer": Family(REFERENCE_LAYER_RULES, "layer"),
     "llama": Family(HF_DECODER_RULES),
+    "mistral": Family(HF_DECODER_RULES),
+    "qwen2": Family(HF_DECODER_RULES),
+    "qwen3": Family(HF_DECODER_RULES),
+    "phi3": Family(HF_DECODER_RULES),
+    "gemma": Family(HF_DECODER_RULES, gain_offset=1.0),
     "mixtral": Family(HF_DECODER_RULES),
     "qwen2_moe": Family(HF_DECODER_RULES),
     "gpt2": Family(GPT2_RULES, "layer"),
@@ -180,6 +190,15 @@ class StreamLayout:
     tensors: tuple[StreamTensor, ...]  # writers, readers and norm biases (``bias``: v -> O v like a writer)
     untouched: tuple[str, ...] = ()
     centred: bool = False  # LayerNorm: the stream is centred by every reader; O must fix 1
+    gain_offset: float = 0.0  # the norm scales by (stored gain + offset)
+
+    def gain(self, stored: torch.Tensor) -> torch.Tensor:
+        """The per-channel scale a stored gain applies (float64)."""
+        return stored.detach().to(torch.float64) + self.gain_offset
+
+    def stored(self, gain: torch.Tensor) -> torch.Tensor:
+        """The stored value of a per-channel scale."""
+        return gain - self.gain_offset
 
     @property
     def gains(self) -> tuple[str, ...]:
@@ -257,7 +276,8 @@ def derive_layout(params: Params, family: str, *, tied: bool = False) -> StreamL
     _check_tied_storage(params, tensors)
     norms = tuple(NormGain(g, tuple(r), biases.get(g)) for g, r in gains.items())
     centred = FAMILIES[family].norm == "layer"
-    layout = StreamLayout(family, _stream_width(params, gains), norms, tuple(tensors), tuple(untouched), centred)
+    offset = FAMILIES[family].gain_offset
+    layout = StreamLayout(family, _stream_width(params, gains), norms, tuple(tensors), tuple(untouched), centred, offset)
     _check_layout(params, layout)
     return layout
 
@@ -340,7 +360,8 @@ def gains_of(params: Params, layout: StreamLayout) -> dict[str, torch.Tensor]:
 
 
 def is_folded(params: Params, layout: StreamLayout, atol: float = 0.0) -> bool:
-    return all(bool((params[g].double() - 1).abs().max() <= atol) for g in layout.gains)
+    """True when every norm scales by 1 (stored gain + offset = 1)."""
+    return all(bool((layout.gain(params[g]) - 1).abs().max() <= atol) for g in layout.gains)
 
 
 def fold(params: Params, layout: StreamLayout) -> dict[str, torch.Tensor]:
@@ -349,13 +370,13 @@ def fold(params: Params, layout: StreamLayout) -> dict[str, torch.Tensor]:
     _check_keys(params, layout)
     out = _copy(params)
     for norm in layout.norms:
-        g = params[norm.name].detach().to(torch.float64)
+        g = layout.gain(params[norm.name])
         if norm.bias is not None:
             _check_nonzero(g, norm.name, "fold")
             out[norm.bias] = _along(params[norm.bias], 0, lambda b, g=g: b / g)
         for r in norm.readers:
             out[r] = _along(params[r], layout.axis_of(r), lambda w, g=g: w * g)
-        out[norm.name] = torch.ones_like(params[norm.name])
+        out[norm.name] = torch.full_like(params[norm.name], 1.0 - layout.gain_offset)
     return centre_writers(out, layout)
 
 
@@ -376,7 +397,8 @@ def _check_nonzero(g: torch.Tensor, name: str, what: str) -> None:
 
 
 def unfold(params: Params, layout: StreamLayout, gains: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Back to an ordinary checkpoint with ``gains``: W -> W diag(1/g), b -> g * b, gain := g (``params`` folded)."""
+    """Back to an ordinary checkpoint with stored ``gains`` (scales g): W -> W diag(1/g), b -> g * b, gain := stored
+    (``params`` folded)."""
     _check_keys(params, layout)
     if not is_folded(params, layout, atol=1e-6):
         raise SpecError("unfold expects folded parameters (every norm gain 1): fold first")
@@ -388,8 +410,8 @@ def unfold(params: Params, layout: StreamLayout, gains: Mapping[str, torch.Tenso
         g = gains[norm.name].detach()
         if tuple(g.shape) != (layout.d,):
             raise SpecError(f"unfold: gain {norm.name} has shape {tuple(g.shape)}, expected ({layout.d},)")
-        _check_nonzero(g, norm.name, "unfold")
-        g64 = g.to(torch.float64)
+        g64 = layout.gain(g)
+        _check_nonzero(g64, norm.name, "unfold")
         for r in norm.readers:
             out[r] = _along(params[r], layout.axis_of(r), lambda w, g64=g64: w / g64)
         if norm.bias is not None:

@@ -9,7 +9,7 @@ import torch
 
 from aligners import weight_matching
 from aligners.orthogonal_stream import align_orthogonal, free_tensors, match_orthogonal, stream_factors
-from hf_models import VOCAB, build, logits_fn, params_of
+from hf_models import VOCAB, build, build_family, family_configs, logits_fn, params_of
 from planted import reference_params, rel_distance
 from symm.action import act
 from symm.adapters import spec_from_hf
@@ -37,17 +37,24 @@ REFERENCE = {
     "layer-rope-gqa": TransformerConfig(norm="layer", pe="rope", n_kv_heads=2),
     "layer-learned-gelu-bias": TransformerConfig(norm="layer", pe="learned", ffn="gelu", attn_bias=True),
 }
-HF = ["llama-mqa-untied", "llama-gqa-untied", "mixtral", "qwen2-moe", "gpt2-untied"]
+HF = ["llama-mqa-untied", "llama-gqa-untied", "mixtral", "qwen2-moe", "gpt2-untied", "mistral", "qwen3", "phi3", "llama-bias", "gemma-untied"]
 FINAL_NORMS = ("norm.weight", "model.norm.weight", "transformer.ln_f.weight")
 
 
 def _hf(name: str, seed: int = 0):
-    """``hf_models.build`` plus an untied GQA Llama and an untied GPT-2 (not in the shared table)."""
-    if name not in ("llama-gqa-untied", "gpt2-untied"):
+    """``hf_models.build`` / ``build_family`` plus untied GQA Llama, GPT-2 and Gemma (not in the shared tables)."""
+    if name in family_configs():
+        return build_family(name, seed)
+    if name not in ("llama-gqa-untied", "gpt2-untied", "gemma-untied"):
         return build(name, seed)
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM, GemmaConfig, GPT2Config, LlamaConfig
 
-    if name == "gpt2-untied":
+    if name == "gemma-untied":  # (1 + w) gains
+        config = GemmaConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            intermediate_size=48, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+    elif name == "gpt2-untied":
         config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=VOCAB, tie_word_embeddings=False)
     else:
         config = LlamaConfig(
