@@ -309,3 +309,39 @@ def test_independent_models_alternation():
     fa64, fal64 = fold(a64, layout), fold(al64, layout)
     assert max(_rel(fold(mid, layout)[k], 0.5 * (fa64[k] + fal64[k])) for k in a) <= 1e-12
     assert torch.equal(align_orthogonal(spec, layout, a, b, max_outer=1)["model.norm.weight"], a["model.norm.weight"])
+
+
+def test_tied_models_keep_only_the_gain_stabiliser():
+    """Tied embeddings: E is the first writer and, through the final gain g, the last reader, so O survives iff
+    O^T diag(g) O = diag(g). A rotation in the plane of two channels survives when their final gains are equal and
+    breaks the logits when they differ; signed permutations survive whatever g is (the catalogue's group)."""
+    config = TransformerConfig(norm="rms", pe="rope", n_kv_heads=2, tied=True)
+    model = build_model(config).double().eval()
+    base_params = reference_params(config, 0)
+    tokens = torch.randint(0, config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    f = functional(model)
+    assert "lm_head.weight" not in base_params  # the tied reference model reads embed.weight as its head
+    untied = lambda p: {**p, "lm_head.weight": p["embed.weight"].clone()}  # noqa: E731
+    layout = derive_layout(untied(base_params), "reference")  # the layout of an untied copy
+    c, s = 0.6, 0.8
+    O = torch.eye(layout.d, dtype=torch.float64)
+    O[:2, :2] = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+
+    def rotate(params):
+        moved = act_orthogonal(fold(untied(params), layout), layout, O)  # every gain folded, rows v -> O v
+        moved["norm.weight"] = params["norm.weight"]  # the tied model keeps its final gain g ...
+        del moved["lm_head.weight"]  # ... and its head is the rotated embedding E O^T
+        return moved
+
+    for equal, expect_kept in ((True, True), (False, False)):
+        params = dict(base_params)
+        g = params["norm.weight"].clone()
+        g[1] = g[0] if equal else g[0] + 0.5
+        params["norm.weight"] = g
+        base = f(params, tokens)
+        err = _rel(f(rotate(params), tokens), base)
+        assert (err <= 1e-12) if expect_kept else (err > 1e-3), (equal, err)
+    # signed permutations (the catalogue's stream group for tied RMSNorm models) keep the function for any g
+    spec = spec_for(config)
+    g = GroupElement.sample(spec, 5, only=["stream", "stream.sign"])
+    assert _rel(f(act(spec, base_params, g), tokens), f(base_params, tokens)) <= 1e-12
