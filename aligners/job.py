@@ -38,6 +38,7 @@ from symm.user_data import SEQ_LEN, data_kind, folder_tokenizer_tokens, has_toke
 from .activation_matching import activation_matching
 from .barrier import has_batchnorm, naive_vs_aligned, reset_batchnorm
 from .outputs import check_same_function, check_written, disk_size, make_parents, plan_outputs, preflight, remove_empty, write_results
+from .lean_job import lean_inputs, run_lean
 from .repair import repair
 from .weight_matching import MatchInfo, weight_matching
 
@@ -49,6 +50,9 @@ METHODS = ("weights", "activations", "learned")
 #: residual-stream groups a user may ask for (``None``: the largest the model allows)
 STREAMS = ("permutation", "signed", "orthogonal")
 DATASETS = ("digits", "mnist1d", "text")
+#: ``--barrier``: measure the naive and aligned curves, or skip them (no evaluation data, no plot)
+BARRIERS = ("full", "none")
+DEVICES = ("auto", "cpu", "cuda")
 #: seed of the evaluation data (windows, splits, subsets): the same data whatever ``--seed`` the matching uses
 DATA_SEED = 0
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "gelu", "silu", "any")
@@ -169,6 +173,8 @@ def _resolve_hf(a: Checkpoint, b: Checkpoint, data: str | None, dtype: torch.dty
         raise SpecError(difference)
     compare_state_dicts(a.params, b.params, (str(a.path), str(b.path)))
     spec = spec_from_hf(a.model)
+    if getattr(a.model.config, "model_type", None) in ("bert", "roberta", "vit"):  # symm.adapters.hf_encoders
+        return _resolve_hf_encoder(a, b, spec, data, dtype, max_tokens)
     vocab, folder, path = a.model.config.vocab_size, _tokenizer_folder(a, b), data_path(data)
     seq_len = context_length(a.model.config)
     if path is None:
@@ -178,6 +184,58 @@ def _resolve_hf(a: Checkpoint, b: Checkpoint, data: str | None, dtype: torch.dty
     a.model.to(dtype)  # evaluation model (B's model keeps its dtype for saving)
     kind = f"Hugging Face {a.model.config.model_type} causal LM ({spec.name})"
     return spec, lm_task(a.model, tokens, hf=True), kind
+
+
+def _resolve_hf_encoder(a: Checkpoint, b: Checkpoint, spec: Spec, data: str | None, dtype: torch.dtype,
+                        max_tokens: int | None = None) -> tuple[Spec, Task, str]:
+    """Encoders (:mod:`symm.adapters.hf_encoders`): BERT / RoBERTa on masked-LM loss and accuracy (15% of the positions
+    of each text window replaced by the mask token, seeded), ViT on classification loss and accuracy on scikit-learn
+    digits (8x8 images, grey replicated over the channels)."""
+    from symm.adapters import hf_encoders as enc
+
+    model, config = a.model, a.model.config
+    kind = f"Hugging Face {config.model_type} {enc.architecture(config)} ({spec.name})"
+    model.to(dtype)  # evaluation model (B's model keeps its dtype for saving)
+
+    @torch.no_grad()
+    def logits_at(params, inputs):
+        model.load_state_dict(params)
+        return model(inputs).logits
+
+    if config.model_type in enc.IMAGE_CLASSIFIERS:
+        if data is not None or max_tokens is not None:
+            raise UsageError(f"a {config.model_type} image classifier is evaluated on the digits images; --data and "
+                             "--max-tokens are not supported for it yet")
+        x_train, _, x_test, y_test = enc.digit_images(config, seed=DATA_SEED)
+        x_train, x_test = x_train.to(dtype), x_test.to(dtype)
+
+        def evaluate(params):
+            logits = logits_at(params, x_test)
+            loss = nn.functional.cross_entropy(logits.float(), y_test).item()
+            return loss, (logits.argmax(-1) == y_test).float().mean().item()
+
+        task = Task(model, "digits (8x8 images)", x_train, evaluate, lambda params: [logits_at(params, x_test[:32])])
+        return spec, task, kind
+    folder, path = _tokenizer_folder(a, b), data_path(data)
+    tokenizer = has_tokenizer(folder)
+    vocab = config.vocab_size if tokenizer else config.vocab_size - 1  # bytes fold below the mask id
+    mask_id = enc.mask_token_id(config, folder if tokenizer else None)
+    seq_len = min(SEQ_LEN, enc.mlm_context(config)) - 1  # windows of seq_len + 1 tokens fit the positions
+    if path is None:
+        tokens = folder_tokenizer_tokens(folder, vocab, max_tokens=max_tokens, seed=DATA_SEED, seq_len=seq_len)
+    else:
+        tokens = load_text_tokens(path, folder, vocab, max_tokens=max_tokens, seed=DATA_SEED, seq_len=seq_len)
+    x, y = enc.mask_windows(tokens.test, mask_id, seed=DATA_SEED)
+    x_train, _ = enc.mask_windows(tokens.train, mask_id, seed=DATA_SEED + 1)
+    chosen = y != -100
+
+    def evaluate(params):
+        logits = logits_at(params, x)[chosen]
+        loss = nn.functional.cross_entropy(logits.float(), y[chosen]).item()
+        return loss, (logits.argmax(-1) == y[chosen]).float().mean().item()
+
+    name = f"masked LM ({round(100 * enc.MASK_FRACTION)}% of positions masked with id {mask_id}) on {tokens.name}"
+    return spec, Task(model, name, x_train, evaluate, lambda params: [logits_at(params, x[:4])]), kind
 
 
 def _user_split(path: Path, d_in: int, d_out: int, max_samples: int | None) -> Split:
@@ -253,6 +311,23 @@ def check_arguments(
     _check_budget("--max-samples", max_samples)
 
 
+def resolve_device(device: str) -> str:
+    """``--device``: ``auto`` is ``cuda`` when a GPU is present, else ``cpu``; ``cuda`` without one is a usage error."""
+    if device not in DEVICES:
+        raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise UsageError("--device cuda: no CUDA GPU is available to torch here; use --device cpu (or auto)")
+    return "cuda" if device == "cuda" or (device == "auto" and available) else "cpu"
+
+
+def check_barrier(barrier: str, use_repair: bool) -> None:
+    if barrier not in BARRIERS:
+        raise UsageError(f"--barrier must be one of {', '.join(BARRIERS)}, got {barrier!r}")
+    if barrier == "none" and use_repair:
+        raise UsageError("--repair adds a barrier curve; it cannot be combined with --barrier none")
+
+
 def _check_input_kind(path: Path) -> None:
     """Cheap checks of an input path before anything else: it exists and is a kind of checkpoint we read."""
     if not path.exists():
@@ -320,7 +395,7 @@ def _match_orthogonal(a: Checkpoint, spec: Spec, pa, pb, b_params, seed, backend
 
 
 def _match_learned(a: Checkpoint, spec: Spec, task: Task, pa, pb, b_params, stream_used: str, fixed, seed, backend, progress,
-                   info) -> tuple[dict, dict]:
+                   info, steps: int = 1000) -> tuple[dict, dict]:
     """Weight matching (with the orthogonal stream when used), then the continuous factors and O learned on the
     midpoint loss of the training windows (:mod:`aligners.learned`)."""
     from .learned import learned_matching
@@ -337,13 +412,13 @@ def _match_learned(a: Checkpoint, spec: Spec, task: Task, pa, pb, b_params, stre
         info.sweeps, info.converged = start.rounds, start.converged
     else:
         g = weight_matching(spec, pa, pb, seed=seed, backend=backend, progress=progress, info=info, fixed=fixed or None)
-    result = learned_matching(spec, task.model, pa, pb, task.windows, init=g, layout=layout, O=O, seed=seed, progress=progress)
+    result = learned_matching(spec, task.model, pa, pb, task.windows, init=g, layout=layout, O=O, steps=steps, seed=seed, progress=progress)
     return result(b_params), result.summary()
 
 
-def _match(method, spec, task, pa, pb, seed, backend, progress, info, fixed=None):
+def _match(method, spec, task, pa, pb, seed, backend, progress, info, fixed=None, device=None):
     if method == "weights":
-        return weight_matching(spec, pa, pb, seed=seed, backend=backend, progress=progress, info=info, fixed=fixed)
+        return weight_matching(spec, pa, pb, seed=seed, backend=backend, progress=progress, info=info, fixed=fixed, device=device)
     return activation_matching(spec, task.model, pa, pb, task.inputs, seed=seed, backend=backend, progress=progress, info=info, fixed=fixed)
 
 
@@ -364,19 +439,29 @@ def align(
     progress: bool = True,
     max_tokens: int | None = None,
     max_samples: int | None = None,
+    barrier: str = "full",
+    device: str = "auto",
+    learn_steps: int = 1000,
 ) -> dict:
     """Align B onto A, measure naive vs aligned barriers, write aligned B, ``report.json`` and ``barrier.png``.
+
+    ``barrier="none"``: no barrier curves and no plot. Hugging Face safetensors folders are then aligned without
+    instantiating the models (:mod:`aligners.lean_job`: weights memory-mapped, aligned B written shard by shard).
+    ``device``: where score matmuls run, ``auto`` (a GPU when present), ``cpu`` or ``cuda``.
 
     ``stream``: the residual-stream group, ``permutation`` or ``signed`` (default: the largest the model allows).
     ``data``: a dataset name, or a path: a UTF-8 text file for language models (tokenised by the folder's own
     tokenizer; first ``max_tokens`` tokens), tensors for classifiers (at most ``max_samples`` per split)."""
     check_arguments(method, n_points, activation, data, stream, max_tokens, max_samples)
+    _check_budget("--learn-steps", learn_steps)
+    check_barrier(barrier, use_repair)
+    device = resolve_device(device)
     path_a, path_b = Path(path_a), Path(path_b)
     for p in (path_a, path_b):
         _check_input_kind(p)
     check_data(data, is_hf_folder(path_a) or is_hf_folder(path_b), max_tokens, max_samples)
     inputs = [path_a, path_b] + ([data_path(data)] if data_path(data) is not None else [])
-    plan = plan_outputs(path_b, is_hf_folder(path_b), out_dir)
+    plan = plan_outputs(path_b, is_hf_folder(path_b), out_dir, plot=barrier != "none")
     preflight(plan, inputs, None, need_bytes=int(1.1 * disk_size(path_b)) + 1_000_000)
     created = make_parents(plan.real.parent)
     lock, stage = OutputLock(plan.real), None
@@ -386,8 +471,11 @@ def align(
         preflight(plan, inputs, overwrite)  # again under the lock, now with existing outputs
         stage = make_staging(plan.real)
         fault_point("locked")
+        lean = lean_inputs(path_a, path_b) if barrier == "none" and method == "weights" else None
+        if lean is not None:  # no models instantiated: memory-mapped weights, B written shard by shard
+            return run_lean(lean, stage, plan, seed=seed, backend=backend, progress=progress, stream=stream, device=device)
         outcome = _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress, stream,
-                       max_tokens, max_samples)
+                       max_tokens, max_samples, barrier, device, learn_steps)
         _write_and_publish(stage, plan, outcome)
         return outcome.report
     except BaseException:
@@ -412,7 +500,7 @@ class Outcome:
 
 
 def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress, stream=None,
-         max_tokens=None, max_samples=None) -> "Outcome":
+         max_tokens=None, max_samples=None, barrier="full", device=None, learn_steps: int = 1000) -> "Outcome":
     """Load, align, check the function, measure the barrier; returns everything the writer needs."""
     t0 = time.perf_counter()
     a, b = load_checkpoint(path_a), load_checkpoint(path_b)
@@ -425,12 +513,13 @@ def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend
     info, t1 = MatchInfo(), time.perf_counter()
     ortho = learned = None
     if method == "learned":
-        aligned, learned = _match_learned(a, spec, task, pa, pb, b.params, stream_used, stream_fixed, seed, backend, progress, info)
+        aligned, learned = _match_learned(a, spec, task, pa, pb, b.params, stream_used, stream_fixed, seed, backend, progress, info,
+                                          learn_steps)
     elif stream_used == "orthogonal":
         by_activations = task if method == "activations" else None
         aligned, ortho = _match_orthogonal(a, spec, pa, pb, b.params, seed, backend, progress, info, by_activations)
     else:
-        g = _match(method, spec, task, pa, pb, seed, backend, progress, info, stream_fixed or None)
+        g = _match(method, spec, task, pa, pb, seed, backend, progress, info, stream_fixed or None, device)
         aligned = act(spec, b.params, g)  # in B's own dtype: this is what is written
     t_align = time.perf_counter() - t1
     aligned_eval = cast(aligned, dtype)
@@ -440,7 +529,7 @@ def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend
     correct = None
     if use_repair:
         correct = lambda mixed, t: repair(spec, task.model, pa, aligned_eval, mixed, t, task.inputs)  # noqa: E731
-    barrier = naive_vs_aligned(task.evaluate, pa, pb, aligned_eval, n_points, progress, correct)
+    curves = None if barrier == "none" else naive_vs_aligned(task.evaluate, pa, pb, aligned_eval, n_points, progress, correct)
     t_barrier = time.perf_counter() - t2
     report = {
         "models": {"A": str(a.path), "B": str(b.path), "format": a.fmt, "dtype": str(stored)[6:], "architecture": explanation},
@@ -455,11 +544,12 @@ def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend
         "sweeps": info.sweeps,
         "converged": info.converged,
         "function_check": {"max_relative_error": error, "evaluated_in": str(dtype)[6:]},
-        **barrier.to_dict(),
+        **(curves.to_dict() if curves is not None else {"barrier": "none"}),
+        "device": device or "cpu",
         "timings_s": {"load": t_load, "align": t_align, "barrier": t_barrier, "total": time.perf_counter() - t0},
         "outputs": plan.shown(),
     }
-    return Outcome(report, b, aligned, barrier, task, dtype, f"{spec.name}: {method} matching on {task.data_name}")
+    return Outcome(report, b, aligned, curves, task, dtype, f"{spec.name}: {method} matching on {task.data_name}")
 
 
 def _write_and_publish(stage: Path, plan, o: Outcome) -> None:

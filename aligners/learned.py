@@ -107,21 +107,25 @@ def learned_matching(
     init: GroupElement,
     layout: StreamLayout | None = None,
     O: torch.Tensor | None = None,
-    steps: int = 200,
+    steps: int = 1000,
     lr: float = 3e-3,
     batch_size: int = 16,
     lam: tuple[float, float] = (0.4, 0.6),
     held_out: float = 0.2,
-    eval_every: int = 20,
+    eval_every: int = 25,
+    patience: int = 6,
     seed: int = 0,
     progress: bool = False,
 ) -> LearnedMatch:
     """Fit the continuous factors (and ``O`` when ``layout`` is given) to the midpoint loss; see the module doc.
 
     ``windows``: (n, seq + 1) training token windows (inputs and next-token targets); the last ``held_out`` share
-    decides which step is kept. ``model``: a module whose forward reads these params (``logits`` or a tensor)."""
-    if steps < 0 or batch_size < 1 or eval_every < 1:
-        raise SpecError(f"learned matching needs steps >= 0, batch_size >= 1, eval_every >= 1 (got {steps}, {batch_size}, {eval_every})")
+    decides which step is kept, and learning stops after ``patience`` evaluations in a row without a better
+    held-out loss. ``model``: a module whose forward reads these params (``logits`` or a tensor)."""
+    if steps < 0 or batch_size < 1 or eval_every < 1 or patience < 1:
+        raise SpecError(
+            f"learned matching needs steps >= 0, batch_size >= 1, eval_every >= 1, patience >= 1 (got {steps}, {batch_size}, {eval_every}, {patience})"
+        )
     if not 0.0 <= lam[0] <= lam[1] <= 1.0:
         raise SpecError(f"lambda range must satisfy 0 <= lo <= hi <= 1, got {lam}")
     if (layout is None) != (O is None):
@@ -193,6 +197,9 @@ def learned_matching(
                 best = (val_loss, step, snapshot())
             if bar is not None:
                 bar.set_postfix(midpoint=f"{val_loss:.4f}")
+            if (step - best[1]) // eval_every >= patience:
+                log.info("learned matching: no better held-out loss in %d evaluations, stopping at step %d", patience, step)
+                break
         if bar is not None:
             bar.update(1)
     if bar is not None:

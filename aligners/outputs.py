@@ -38,21 +38,22 @@ class OutputPlan:
     out: Path  # as given (for messages and the report)
     real: Path  # resolved (for the machinery)
     aligned: str
-    plot: str = "barrier.png"
+    plot: str | None = "barrier.png"  # None: no barrier measured (``--barrier none``), no plot
     report: str = "report.json"
 
     @property
     def names(self) -> list[str]:
         """Publication order: the report last (its presence means the set is complete)."""
-        return [self.aligned, self.plot, self.report]
+        return [self.aligned, *([self.plot] if self.plot else []), self.report]
 
     def shown(self) -> dict[str, str]:
-        return {"aligned": str(self.out / self.aligned), "report": str(self.out / self.report), "plot": str(self.out / self.plot)}
+        shown = {"aligned": str(self.out / self.aligned), "report": str(self.out / self.report)}
+        return shown | ({"plot": str(self.out / self.plot)} if self.plot else {})
 
 
-def plan_outputs(path_b: Path, hf: bool, out: str | os.PathLike) -> OutputPlan:
+def plan_outputs(path_b: Path, hf: bool, out: str | os.PathLike, plot: bool = True) -> OutputPlan:
     aligned = "aligned_model" if hf else f"{path_b.stem}_aligned{path_b.suffix}"
-    return OutputPlan(Path(out), Path(os.path.realpath(os.path.abspath(out))), aligned)
+    return OutputPlan(Path(out), Path(os.path.realpath(os.path.abspath(out))), aligned, "barrier.png" if plot else None)
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -219,11 +220,12 @@ def check_written(b: Checkpoint, path: Path, aligned: Mapping[str, torch.Tensor]
     check_same_function(probe, cast(b.params), cast(back.params), dtype, f"the saved folder {path.name}")
 
 
-def write_results(stage: Path, plan: OutputPlan, b: Checkpoint, aligned: Mapping[str, torch.Tensor], report: dict, barrier: BarrierReport, title: str) -> None:
-    """The whole result set into the staging folder; the report last."""
+def write_results(stage: Path, plan: OutputPlan, b: Checkpoint, aligned: Mapping[str, torch.Tensor], report: dict, barrier: BarrierReport | None, title: str) -> None:
+    """The whole result set into the staging folder; the report last (no plot without a barrier)."""
     save_aligned(b, aligned, stage / plan.aligned)
     fault_point("staged-model")
-    plot_barrier(barrier, stage / plan.plot, title)
-    fault_point("staged-plot")
+    if plan.plot is not None and barrier is not None:
+        plot_barrier(barrier, stage / plan.plot, title)
+        fault_point("staged-plot")
     atomic_write_text(stage / plan.report, json.dumps(report, indent=2) + "\n")
     fault_point("staged")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from symm.action import act
+from symm.action import act_param
 from symm.element import GroupElement
 from symm.errors import SpecError
 from symm.spec import Spec
@@ -49,7 +49,17 @@ def _objective(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> 
 
 
 def _working_copy(params: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``params`` in the working dtype; tensors already in it are shared, not copied (never modified in place:
+    solvers replace parameters)."""
     return {k: (v.detach().to(dtype) if torch.is_floating_point(v) else v) for k, v in params.items()}
+
+
+def _act_where_moved(spec: Spec, params: Mapping[str, torch.Tensor], g: GroupElement) -> dict[str, torch.Tensor]:
+    """``g . params``, sharing (not copying) every tensor on which ``g`` acts as the identity: the same values as
+    :func:`act`, without a second copy of the untouched parameters."""
+    moved = [n for n, v in g.values.items() if not spec.factors[n].is_identity(v, atol=0.0)]
+    touched = {p for n in moved for p, *_ in spec.uses(n)} | {p for n in moved for p, _ in spec.shifts_of(n)}
+    return {k: (act_param(spec, spec.params[k], v, g.values) if k in touched else v) for k, v in params.items()}
 
 
 def _as_values(spec: Spec, given: Values, what: str) -> dict[str, torch.Tensor]:
@@ -94,6 +104,7 @@ def weight_matching(
     patience: int = 3,
     progress: bool = True,
     info: MatchInfo | None = None,
+    device: torch.device | str | None = None,
 ) -> GroupElement:
     """The element g of ``spec``'s group with ``g . params_b`` matched to ``params_a``.
 
@@ -101,16 +112,24 @@ def weight_matching(
     the result holds exactly these values. ``init``: a warm start (factor values or a whole element), e.g. the
     previous answer when re-aligning; every factor not fixed may still move. ``within_heads=False`` matches heads
     but skips the per-head GL / RoPE alignment. ``patience``: sweeps without a new best objective before stopping.
+    ``device``: where the score matmuls run (``None``/``"cpu"``: the CPU; ``"cuda"``: a GPU); parameters, the
+    assignments and the returned element stay on the CPU. Working copies share the input tensors where the dtype
+    already agrees.
     """
     spec.check_params(params_a, what="checkpoint A")
     spec.check_params(params_b, what="checkpoint B")
     start, fixed_names = starting_element(spec, fixed, init)
     work = torch.float64 if any(v.dtype == torch.float64 for v in (*params_a.values(), *params_b.values())) else torch.float32
-    a0, b0 = _working_copy(params_a, work), act(spec, _working_copy(params_b, work), start)
+    a0 = _working_copy(params_a, work)
+    b0 = _act_where_moved(spec, _working_copy(params_b, work), start)
+    # a caller that passes its dicts without keeping them lets the tensors replaced below be freed
+    del params_a, params_b
     tol = 1e-13 if work == torch.float64 else 1e-9  # log-step tolerance, far below the working precision
     canon_a = balance_scalings(spec, a0, tol=tol, exclude=fixed_names)
     canon_b = balance_scalings(spec, b0, tol=tol, exclude=fixed_names)
-    state = MatchState(spec, act(spec, a0, canon_a), act(spec, b0, canon_b), GroupElement.identity(spec), fixed_names, backend, work)
+    a0, b0 = _act_where_moved(spec, a0, canon_a), _act_where_moved(spec, b0, canon_b)
+    state = MatchState(spec, a0, b0, GroupElement.identity(spec), fixed_names, backend, work, device=torch.device(device or "cpu"))
+    del a0, b0  # the state alone holds the working parameters (replaced, not copied, as B moves)
     steps = plan(spec, fixed_names)
     if not within_heads:
         from .solvers.heads import head_step

@@ -70,9 +70,9 @@ def check_hf_weights(folder: str | os.PathLike) -> tuple[int, int]:
 
 
 def _load_hf(folder: Path) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    from .adapters.hf_encoders import auto_class
 
-    hf_config(folder)
+    model_class = auto_class(hf_config(folder))  # the causal LM, or an encoder's head class (config.architectures)
     files = hf_weight_files(folder)
     if not files:
         raise CheckpointError(f"{folder}: a config.json but no weight files (*.safetensors or *.bin)")
@@ -80,7 +80,7 @@ def _load_hf(folder: Path) -> nn.Module:
         if f.suffix == ".safetensors":
             safetensors_header(f)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+        model, info = model_class.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{folder}: cannot load the Hugging Face model ({type(exc).__name__}: {first_line(exc)})") from None
     bad = [f"missing {k}" for k in info.get("missing_keys", [])] + [f"wrong shape {k[0] if isinstance(k, tuple) else k}" for k in info.get("mismatched_keys", [])]

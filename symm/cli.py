@@ -68,10 +68,24 @@ def _cmd_align(args: argparse.Namespace) -> int:
         args.a, args.b, args.out, method=args.method, data=args.data, activation=args.activation, n_points=args.points,
         seed=args.seed, backend=args.backend, overwrite=args.overwrite, use_repair=args.repair, stream=args.stream,
         progress=not args.quiet, max_tokens=args.max_tokens, max_samples=args.max_samples,
+        barrier=args.barrier, device=args.device, learn_steps=args.learn_steps,
     )
     print(report["models"]["architecture"])
+    if report.get("barrier") == "none":
+        _print_unmeasured(report)
+        return 0
     _print_report(report)
     return 0
+
+
+def _print_unmeasured(report: dict) -> None:
+    """``--barrier none``: the matching and the function check; no curves."""
+    t = report["timings_s"]
+    print(f"{report['method']} matching, {report['sweeps']} sweeps, {t['align']:.2f} s (total {t['total']:.1f} s, "
+          f"device {report.get('device', 'cpu')}); barrier not measured (--barrier none)")
+    print(f"aligned B computes B's function: relative output error {report['function_check']['max_relative_error']:.1e}")
+    outs = report["outputs"]
+    print(f"wrote {outs['aligned']}, {outs['report']}")
 
 
 def _merge_weights(text: str) -> list[float]:
@@ -236,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--method", choices=["weights", "activations", "learned"], default="weights",
                     help="weight matching (default), activation matching, or learned: weight matching, then the continuous "
                          "factors and the stream O fitted to the midpoint loss on the training windows (language models)")
+    al.add_argument("--learn-steps", type=int, default=1000, metavar="N",
+                    help="--method learned: at most N gradient steps (it stops earlier when the held-out midpoint loss stops "
+                         "improving; default 1000)")
     al.add_argument("--data", metavar="digits|mnist1d|text|FILE|DIR",
                     help="evaluation data: a dataset name, a UTF-8 text file (language models; tokenised by the folder's own "
                          "tokenizer, else bytes), or tensors for classifiers (a .npz/.safetensors file with 'inputs' and "
@@ -265,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "LayerNorm; the aligned B carries A's gains). Default: the largest the model allows "
                          "(orthogonal where allowed, else signed, else permutation)")
     al.add_argument("--repair", action="store_true", help="also plot the aligned path with REPAIR renormalisation of hidden units")
+    al.add_argument("--barrier", choices=["full", "none"], default="full",
+                    help="full (default): measure and plot the naive and aligned barrier curves; none: skip them (no plot). "
+                         "With none, Hugging Face safetensors folders are aligned without instantiating the models "
+                         "(memory-mapped weights, aligned B written shard by shard): billion-parameter models on one machine")
+    al.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="where the score matmuls run: auto (a CUDA GPU when present, else cpu), cpu, or cuda "
+                         "(an error without a GPU)")
     al.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     al.set_defaults(func=_cmd_align)
 

@@ -157,6 +157,8 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family(HF_DECODER_RULES),
     "gemma": Family(HF_DECODER_RULES, gain_offset=1.0),
     "mixtral": Family(HF_DECODER_RULES),
+    "olmoe": Family(HF_DECODER_RULES),
+    "qwen3_moe": Family(HF_DECODER_RULES),
     "qwen2_moe": Family(HF_DECODER_RULES),
     "gpt2": Family(GPT2_RULES, "layer"),
 }

@@ -66,9 +66,11 @@ def logits_fn(model, tokens: torch.Tensor):
 
 
 def family_configs() -> dict:
-    """Tiny configs of the RoPE families beyond Llama: Mistral, Qwen2, Qwen3, OLMo2, Phi-3 (and Llama with biases)."""
+    """Tiny configs of the RoPE families beyond Llama: Mistral, Qwen2, Qwen3, OLMo2, Phi-3, Gemma 1-3, OLMoE, Qwen3-MoE
+    (and Llama with biases)."""
     from transformers import (
-        Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config,
+        Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Olmo2Config, OlmoeConfig, Phi3Config, Qwen2Config,
+        Qwen3Config, Qwen3MoeConfig,
     )
 
     small = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48)
@@ -87,6 +89,23 @@ def family_configs() -> dict:
         "gemma3": Gemma3TextConfig(
             head_dim=8, sliding_window=5, query_pre_attn_scalar=8, final_logit_softcapping=5.0, attn_logit_softcapping=10.0,
             layer_types=["sliding_attention", "full_attention"], **small, **ids,
+        ),
+        # routed experts with QK-norm (OLMoE: over all heads, like OLMo2; Qwen3-MoE: per head, like Qwen3)
+        "olmoe": OlmoeConfig(num_experts=4, num_experts_per_tok=2, **{**small, "intermediate_size": 24}, **ids),
+        "olmoe-norm-topk": OlmoeConfig(
+            num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, attention_bias=True, tie_word_embeddings=True,
+            **{**small, "intermediate_size": 24}, **ids,
+        ),
+        # per-head QK-norm scales are exact at eps = 0 and off by ~eps / ms(q_h): this tiny random model's q heads have
+        # mean square ~0.05 (trained ones ~1), so eps = 1e-6 alone costs 1.4e-5 here (2.9e-7 at eps = 0); 1e-7 keeps
+        # the 1e-5 check about the group, not about eps ("qwen3-moe-step" keeps the default eps)
+        "qwen3-moe": Qwen3MoeConfig(
+            head_dim=8, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+            rms_norm_eps=1e-7, **small, **ids,
+        ),
+        "qwen3-moe-step": Qwen3MoeConfig(
+            head_dim=8, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2, attention_bias=True,
+            tie_word_embeddings=True, **small, **ids,
         ),
     }
 

@@ -147,7 +147,8 @@ def test_cli_learned_on_hf_folders(tmp_path):
     for seed, name in ((0, "a"), (1, "b")):
         build("llama-mqa-untied", seed=seed).save_pretrained(folder / name)
     out = tmp_path / "learned"
-    assert main(["align", str(folder / "a"), str(folder / "b"), "--method", "learned", "--out", str(out), "--quiet", "--points", "3"]) == 0
+    assert main(["align", str(folder / "a"), str(folder / "b"), "--method", "learned", "--learn-steps", "40", "--out", str(out),
+                 "--quiet", "--points", "3"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "learned" and report["stream"] == "orthogonal"
     assert report["learned"]["best_midpoint_loss"] <= report["learned"]["start_midpoint_loss"]

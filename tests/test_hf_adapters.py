@@ -139,12 +139,12 @@ def test_mixtral_disk_layout_is_per_expert(tmp_path):
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    from transformers import BertConfig
+    from transformers import GPTJConfig  # (BERT is supported since symm/adapters/hf_encoders.py)
 
-    with pytest.raises(UnsupportedArchitecture, match="'bert'.*supported: gpt2"):
-        spec_from_hf(BertConfig())
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(UnsupportedArchitecture, match="bert"):
+    with pytest.raises(UnsupportedArchitecture, match="'gptj'.*supported: gpt2"):
+        spec_from_hf(GPTJConfig())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gptj"}))
+    with pytest.raises(UnsupportedArchitecture, match="gptj"):
         spec_from_hf(tmp_path)
     with pytest.raises(UnsupportedArchitecture, match="config.json"):
         spec_from_hf(tmp_path / "missing")

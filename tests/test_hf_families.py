@@ -1,4 +1,4 @@
-"""Families as data: Mistral, Qwen2, Qwen3, OLMo2, Phi-3 (and Llama with biases), checked on the logits of the
+"""Families as data: Mistral, Qwen2, Qwen3, OLMo2, Phi-3, Gemma 1-3, OLMoE, Qwen3-MoE (and Llama with biases), checked on the logits of the
 ``transformers`` models themselves (float32), with negative controls, planted recovery through ``symm align``,
 refusal of config options the adapters do not derive, and the meta-device layout check."""
 
@@ -103,7 +103,7 @@ def test_pair_rotation_control_is_a_llama_symmetry():
         assert (f(moved) - f(params)).abs().max() / f(params).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("name", ["qwen3", "olmo2"])
+@pytest.mark.parametrize("name", ["qwen3", "olmo2", "olmoe", "qwen3-moe"])
 def test_qk_norm_kills_rope_rotations_on_qk(name):
     model = build_family(name)
     params = params_of(model)
@@ -111,7 +111,7 @@ def test_qk_norm_kills_rope_rotations_on_qk(name):
     assert_not_invariant(f, params, _pair_rotation(params, "model.layers.0.self_attn", 8, 2, angle=0.9))
 
 
-@pytest.mark.parametrize("name", ["qwen3", "olmo2"])
+@pytest.mark.parametrize("name", ["qwen3", "olmo2", "olmoe", "qwen3-moe"])
 def test_qk_norm_kills_general_linear_on_qk(name):
     """GL(d_h) on Q/K (Q rows by E^T, K rows by E^{-1}, one KV group): a symmetry without norm and PE, not here."""
     model = build_family(name)
@@ -174,8 +174,9 @@ def test_discrete_extras_not_catalogued_do_hold():
 
 
 def test_olmo2_per_head_scale_is_not_absorbed():
-    """Qwen3's per-head norm absorbs a query head's scale; OLMo2's norm over all heads does not."""
-    for name, symmetric in (("qwen3", True), ("olmo2", False)):
+    """Qwen3's (and Qwen3-MoE's) per-head norm absorbs a query head's scale; OLMo2's (and OLMoE's) norm over all heads
+    does not."""
+    for name, symmetric in (("qwen3", True), ("olmo2", False), ("qwen3-moe", True), ("olmoe", False)):
         model = build_family(name)
         params = params_of(model)
         f = logits_fn(model, TOKENS)
@@ -319,7 +320,10 @@ def _read_by_modeling_code(model_type: str, config) -> set[str]:
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    text = Path(inspect.getsourcefile(getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]))).read_text()
+    from symm.adapters.hf_encoders import ARCHITECTURES  # encoders: their head class (ViT has no causal LM)
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) or ARCHITECTURES[model_type][0]
+    text = Path(inspect.getsourcefile(getattr(transformers, cls))).read_text()
     direct = set(re.findall(r"\bconfig\.([a-z][a-z0-9_]*)\b(?!\()", text))
     optional = set(re.findall(r"getattr\((?:self\.)?config, \"([a-z][a-z0-9_]*)\"", text))
     return {k for k in direct if hasattr(config, k)} | optional
@@ -371,6 +375,8 @@ def test_meta_check_is_cheap_and_cached():
         ("qwen2", ["biases move with their rows"]),
         ("gemma2", ["soft-capping", "(1 + w)", "sliding window"]),
         ("gemma3", ["QK-norm with (1 + w) gains", "norm-scale"]),
+        ("olmoe", ["hf-olmoe", "QK-norm over all heads", "softmax gating adds a common translation", "norm_topk_prob"]),
+        ("qwen3-moe", ["hf-qwen3-moe", "per-head QK-norm", "norm-scale", "softmax gating", "no shared expert"]),
     ],
 )
 def test_describe_states_group_and_reasons(name, needles, tmp_path, capsys):
@@ -381,7 +387,11 @@ def test_describe_states_group_and_reasons(name, needles, tmp_path, capsys):
         assert needle in out, (needle, out[:2000])
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3", "olmo2", "olmo2-bias", "phi3", "gemma", "gemma2", "gemma3", "llama-bias"])
+@pytest.mark.parametrize(
+    "name",
+    ["mistral", "qwen2", "qwen3", "olmo2", "olmo2-bias", "phi3", "gemma", "gemma2", "gemma3", "llama-bias", "olmoe",
+     "olmoe-norm-topk", "qwen3-moe", "qwen3-moe-step"],
+)
 def test_planted_recovery_through_symm_align(name, tmp_path):
     """B = g.A saved by save_pretrained; ``symm align A B`` gives back A (1e-4 relative) computing B's logits."""
     model = build_family(name, seed=0)
@@ -405,3 +415,237 @@ def test_planted_recovery_through_symm_align(name, tmp_path):
     assert float((la - lb).abs().max() / lb.abs().max()) < 1e-4
     report = json.loads((out / "report.json").read_text())
     assert report["models"]["format"] == "hf"
+
+
+# ---------------------------------------------------------------------------------------------- OLMoE, Qwen3-MoE
+
+
+def test_moe_qk_norm_family_groups():
+    """OLMoE: OLMo2's attention group (QK-norm over all heads) in a pre-norm stream; Qwen3-MoE: Qwen3's (per-head
+    QK-norm); both route with a top-k softmax (router rows move with the experts, plus a common translation)."""
+    olmoe = spec_from_hf(family_configs()["olmoe"])
+    assert _kinds(olmoe, "model.layers.0.self_attn") == {"heads": "head-permutation", "vo": "general-linear"}
+    qwen3_moe = spec_from_hf(family_configs()["qwen3-moe"])
+    assert _kinds(qwen3_moe, "model.layers.0.self_attn") == {
+        "heads": "head-permutation", "vo": "general-linear", "q_scale": "norm-scale", "k_scale": "norm-scale", "qk_gain": "positive-scaling",
+    }
+    routed = {"gate.shift": "translation", "experts": "permutation", "expert_units": "permutation", "expert_units.scale": "positive-scaling"}
+    for spec, layer in ((olmoe, 0), (olmoe, 1), (qwen3_moe, 0)):
+        assert _kinds(spec, f"model.layers.{layer}.mlp") == routed, (spec.name, layer)
+    assert _kinds(qwen3_moe, "model.layers.1.mlp") == {"units": "permutation", "units.scale": "positive-scaling"}  # mlp_only_layers
+    step = spec_from_hf(family_configs()["qwen3-moe-step"])  # decoder_sparse_step=2: layer 0 dense, layer 1 routed
+    assert "model.layers.0.mlp.gate_proj.weight" in step.params and "model.layers.1.mlp.experts.gate_up_proj" in step.params
+    assert not any("shared_expert" in k for k in step.params)
+    for key, side in (("q_norm", "out"), ("k_norm", "in")):  # per-row gains over all heads move with their heads only
+        (seg,) = olmoe.params[f"model.layers.0.self_attn.{key}.weight"].axes[0]
+        assert [(a.factor, a.side) for a in seg.acts] == [("model.layers.0.self_attn.heads", side)]
+
+
+def _moe_model(name):
+    model = build_family(name)
+    return model, params_of(model), logits_fn(model, TOKENS)
+
+
+def _rel(f, moved, params):
+    with torch.no_grad():
+        ref = f(params)
+        return float((f(moved) - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("name", ["olmoe", "olmoe-norm-topk", "qwen3-moe", "qwen3-moe-step"])
+def test_router_translation_survives_norm_topk_prob_but_a_row_shift_does_not(name):
+    """softmax(z + c) = softmax(z): a common shift of the router rows keeps top-k and its weights, renormalised over the
+    k (norm_topk_prob) or not; shifting one expert's row alone changes routing weights (negative control)."""
+    model, params, f = _moe_model(name)
+    layer = 1 if name == "qwen3-moe-step" else 0
+    key = f"model.layers.{layer}.mlp.gate.weight"
+    c = 0.7 * torch.randn(32, generator=torch.Generator().manual_seed(3))
+    common, one = dict(params), dict(params)
+    common[key] = params[key] + c
+    w = params[key].clone()
+    w[1] += c
+    one[key] = w
+    assert _rel(f, common, params) < 1e-5
+    assert_not_invariant(f, params, one)
+
+
+@pytest.mark.parametrize("name", ["olmoe", "qwen3-moe"])
+def test_experts_must_move_with_their_router_rows(name):
+    model, params, f = _moe_model(name)
+    perm = torch.tensor([2, 0, 3, 1])
+    both, experts_only = dict(params), dict(params)
+    for k in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"):
+        both[k] = experts_only[k] = params[k][perm]
+    both["model.layers.0.mlp.gate.weight"] = params["model.layers.0.mlp.gate.weight"][perm]
+    assert _rel(f, both, params) < 1e-5
+    assert_not_invariant(f, params, experts_only)
+
+
+def test_expert_unit_scale_must_stay_on_the_up_rows():
+    """Per-expert SwiGLU: scaling the experts' up rows and dividing their down columns is a symmetry; on the gate rows
+    (through SiLU) it is not."""
+    model, params, f = _moe_model("olmoe")
+    up, gate = dict(params), dict(params)
+    gu, down = params["model.layers.0.mlp.experts.gate_up_proj"], params["model.layers.0.mlp.experts.down_proj"]
+    a_units = torch.linspace(0.3, 3.0, 24)
+    for moved, rows in ((up, slice(24, 48)), (gate, slice(0, 24))):
+        a, b = gu.clone(), down.clone()
+        a[:, rows] *= a_units[:, None]
+        b /= a_units
+        moved["model.layers.0.mlp.experts.gate_up_proj"], moved["model.layers.0.mlp.experts.down_proj"] = a, b
+    assert _rel(f, up, params) < 1e-5
+    assert_not_invariant(f, params, gate)
+
+
+def test_olmoe_clip_qkv_and_head_dim_are_refused():
+    from transformers import OlmoeConfig
+
+    values = {k: v for k, v in family_configs()["olmoe"].to_dict().items() if k != "model_type"}
+    with pytest.raises(UnsupportedArchitecture, match="clip_qkv=8.0 is not supported.*GL\\(d_h\\) on V/O"):
+        spec_from_hf(OlmoeConfig(**{**values, "clip_qkv": 8.0}))
+    with pytest.raises(UnsupportedArchitecture, match="head_dim=16.*hidden_size / num_attention_heads = 8"):
+        spec_from_hf(OlmoeConfig(**{**values, "head_dim": 16}))
+
+
+def test_clip_qkv_really_breaks_gl_on_vo():
+    """Why clip_qkv is refused: with a clamp on v, the catalogued GL(d_h) on V/O no longer keeps the logits."""
+    model, params, f = _moe_model("olmoe")
+    spec = spec_from_hf(model)
+    moved = act(spec, params, GroupElement.sample(spec, 5).restrict(["model.layers.0.self_attn.vo"]))
+    assert _rel(f, moved, params) < 1e-5
+    model.config.clip_qkv = 0.05
+    assert_not_invariant(f, params, moved)
+    model.config.clip_qkv = None
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3"])
+def test_multi_head_latent_attention_is_refused_with_the_reason(model_type, tmp_path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type)
+    with pytest.raises(UnsupportedArchitecture, match=f"'{model_type}' is refused: multi-head latent attention"):
+        spec_from_hf(config)
+    if model_type == "deepseek_v3":
+        with pytest.raises(UnsupportedArchitecture, match="e_score_correction_bias with the router rows"):
+            spec_from_hf(config)
+    config.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitecture, match="multi-head latent attention"):
+        load_hf(tmp_path)
+    assert main(["describe", str(tmp_path)]) == 2
+
+
+def test_any_latent_attention_config_is_refused_as_mla():
+    """Another model_type with kv_lora_rank (MiniCPM3) gets the MLA reason, not just "no adapter"."""
+    from transformers import AutoConfig
+
+    with pytest.raises(UnsupportedArchitecture, match="'minicpm3' is refused: multi-head latent attention"):
+        spec_from_hf(AutoConfig.for_model("minicpm3"))
+
+
+# ---------------------------------------------------------------------------------------------- GPT-NeoX (derived, refused)
+
+
+def _neox(parallel: bool, seed: int = 0):
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, use_parallel_residual=parallel,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}, bos_token_id=0, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _gl(n, gen):
+    """A well-conditioned random element of GL(n) (the exponential of a small random matrix)."""
+    return torch.linalg.matrix_exp(0.3 * torch.randn(n, n, generator=gen, dtype=torch.float64))
+
+
+def _rotation_scaling(n_pairs, gen):
+    m = torch.zeros(n_pairs, 2, 2, dtype=torch.float64)
+    for i in range(n_pairs):
+        a, t = float(torch.empty(()).uniform_(0.5, 2.0, generator=gen)), float(torch.empty(()).uniform_(-3, 3, generator=gen))
+        m[i] = a * torch.tensor([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+    return m
+
+
+def _neox_act(params, seed, qk="derived"):
+    """The derived GPT-NeoX group, by hand: stream permutation (LayerNorm: no signs), head permutation (blocks of 3 d_h
+    rows of query_key_value, d_h columns of dense), per head: a rotation-scaling per rotary pair (dims i, i + rot/2) on
+    Q with its inverse transpose on K, GL on the pass-through dims (Q: A, K: A^{-T}), GL on V (F) and dense (F^{-1}),
+    GELU units permuted. ``qk="full-gl"``: GL on all of a head's Q/K dims (a control), ``"wrong-pairs"``: the
+    rotation-scalings on pairs (2i, 2i + 1) (a control)."""
+    gen = torch.Generator().manual_seed(seed)
+    d, n_heads, dh, rot, ffn = 32, 4, 8, 4, 48
+    dtypes = {k: v.dtype for k, v in params.items()}
+    params = {k: v.double() for k, v in params.items()}  # act in float64, store in the model's dtype
+    out = {}
+    stream = torch.randperm(d, generator=gen)
+    for k, v in params.items():
+        out[k] = v.clone()
+    out["gpt_neox.embed_in.weight"] = params["gpt_neox.embed_in.weight"][:, stream]
+    out["lm_head.weight"] = params["lm_head.weight"][:, stream]
+    for k in ("weight", "bias"):
+        out[f"gpt_neox.final_layer_norm.{k}"] = params[f"gpt_neox.final_layer_norm.{k}"][stream]
+    for layer in range(2):
+        b = f"gpt_neox.layers.{layer}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            for k in ("weight", "bias"):
+                out[f"{b}.{norm}.{k}"] = params[f"{b}.{norm}.{k}"][stream]
+        heads = torch.randperm(n_heads, generator=gen)
+        qkv_w = params[f"{b}.attention.query_key_value.weight"][:, stream].reshape(n_heads, 3, dh, d)[heads].clone()
+        qkv_b = params[f"{b}.attention.query_key_value.bias"].reshape(n_heads, 3, dh)[heads].clone()
+        dense = params[f"{b}.attention.dense.weight"][stream].reshape(d, n_heads, dh)[:, heads].clone()
+        for h in range(n_heads):
+            mq, mk = torch.eye(dh, dtype=torch.float64), torch.eye(dh, dtype=torch.float64)
+            if qk == "full-gl":
+                mq = _gl(dh, gen)
+                mk = torch.linalg.inv(mq).T
+            else:
+                pairs = _rotation_scaling(rot // 2, gen)
+                for i in range(rot // 2):
+                    idx = [2 * i, 2 * i + 1] if qk == "wrong-pairs" else [i, i + rot // 2]
+                    mq[[[idx[0]], [idx[1]]], idx] = pairs[i]
+                    mk[[[idx[0]], [idx[1]]], idx] = torch.linalg.inv(pairs[i]).T
+                a = _gl(dh - rot, gen)
+                mq[rot:, rot:], mk[rot:, rot:] = a, torch.linalg.inv(a).T
+            f = _gl(dh, gen)
+            for role, m in ((0, mq), (1, mk), (2, f)):
+                qkv_w[h, role] = m @ qkv_w[h, role]
+                qkv_b[h, role] = m @ qkv_b[h, role]
+            dense[:, h] = dense[:, h] @ torch.linalg.inv(f)
+        out[f"{b}.attention.query_key_value.weight"] = qkv_w.reshape(3 * d, d)
+        out[f"{b}.attention.query_key_value.bias"] = qkv_b.reshape(3 * d)
+        out[f"{b}.attention.dense.weight"] = dense.reshape(d, d)
+        out[f"{b}.attention.dense.bias"] = params[f"{b}.attention.dense.bias"][stream]
+        units = torch.randperm(ffn, generator=gen)
+        out[f"{b}.mlp.dense_h_to_4h.weight"] = params[f"{b}.mlp.dense_h_to_4h.weight"][units][:, stream]
+        out[f"{b}.mlp.dense_h_to_4h.bias"] = params[f"{b}.mlp.dense_h_to_4h.bias"][units]
+        out[f"{b}.mlp.dense_4h_to_h.weight"] = params[f"{b}.mlp.dense_4h_to_h.weight"][stream][:, units]
+        out[f"{b}.mlp.dense_4h_to_h.bias"] = params[f"{b}.mlp.dense_4h_to_h.bias"][stream]
+    return {k: v.to(dtypes[k]) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_gpt_neox_derived_group_holds_on_logits(parallel):
+    """The README's GPT-NeoX derivation (partial rotary: rotation-scalings on the rotary pairs, GL on the pass-through
+    dims; interleaved [q_h | k_h | v_h]; parallel or sequential residual) on the transformers model's logits, 20
+    elements; GL over a whole head's Q/K, or rotation-scalings on the wrong pairs, change the logits."""
+    model = _neox(parallel)
+    params = params_of(model)
+    f = logits_fn(model, TOKENS)
+    for seed in range(20):
+        assert _rel(f, _neox_act(params, seed), params) < 1e-5, seed
+    assert_not_invariant(f, params, _neox_act(params, 0, qk="full-gl"))
+    assert_not_invariant(f, params, _neox_act(params, 0, qk="wrong-pairs"))
+
+
+def test_gpt_neox_is_refused_with_the_derived_group():
+    model = _neox(True)
+    with pytest.raises(UnsupportedArchitecture, match="'gpt_neox' is refused: the group is derived but not catalogued.*interleaves"):
+        spec_from_hf(model.config)

@@ -37,7 +37,7 @@ REFERENCE = {
     "layer-rope-gqa": TransformerConfig(norm="layer", pe="rope", n_kv_heads=2),
     "layer-learned-gelu-bias": TransformerConfig(norm="layer", pe="learned", ffn="gelu", attn_bias=True),
 }
-HF = ["llama-mqa-untied", "llama-gqa-untied", "mixtral", "qwen2-moe", "gpt2-untied", "mistral", "qwen3", "phi3", "llama-bias", "gemma-untied"]
+HF = ["llama-mqa-untied", "llama-gqa-untied", "mixtral", "qwen2-moe", "gpt2-untied", "mistral", "qwen3", "phi3", "llama-bias", "gemma-untied", "olmoe", "qwen3-moe"]
 FINAL_NORMS = ("norm.weight", "model.norm.weight", "transformer.ln_f.weight")
 
 

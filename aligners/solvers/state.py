@@ -30,6 +30,8 @@ class MatchState:
     cache: dict = field(default_factory=dict)
     #: per parameter, how many times :meth:`apply` changed it (lets caches skip unchanged parameters)
     versions: dict[str, int] = field(default_factory=dict)
+    #: where score matmuls run (parameters stay on the CPU; scores come back to it for the assignment)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def apply(self, delta: GroupElement, names: Iterable[str]) -> None:
         """``b <- delta . b`` on the parameters that the factors ``names`` touch; ``g <- delta . g``."""

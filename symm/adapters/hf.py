@@ -1,6 +1,8 @@
 """Hugging Face adapters: ``spec_from_hf(model | config | folder)``, one declarative :class:`Family` per ``model_type``.
 
-Supported: GPT-2, XGLM, Llama, Mistral, Qwen2, Qwen3, OLMo2, Phi-3, Mixtral, Qwen2-MoE. A family is data: its layer
+Supported: GPT-2, XGLM, Llama, Mistral, Qwen2, Qwen3, OLMo2, Phi-3, Gemma, Gemma2, Gemma3, Mixtral, Qwen2-MoE, OLMoE,
+Qwen3-MoE. Refused with the reason (:data:`REFUSED`): multi-head latent attention (DeepSeek-V2/V3 and every config
+with ``kv_lora_rank``), GPT-NeoX (group derived, layout not expressible yet). A family is data: its layer
 name pattern, the config keys it reads as sizes, its norm / PE / attention / MLP layout, and a verdict on **every**
 config option the transformers modeling code reads (``options``: handled, with a check that refuses the values whose
 group is not derived; ``inert``: cannot change the group, e.g. dropout, token ids, epsilons). A config option the
@@ -124,6 +126,25 @@ def softmax_router(config, value) -> str | None:
     return None
 
 
+def no_clip_qkv(config, value) -> str | None:
+    """OLMoE ``clip_qkv``: an elementwise clamp of q, k and v. It commutes with head permutations but not with GL(d_h) on
+    V/O (nor with any scaling): refused rather than shrinking V/O to the head permutations silently."""
+    if value is None:
+        return None
+    return (
+        "clamping q, k and v elementwise (clip_qkv) commutes with head permutations but not with GL(d_h) on V/O; the "
+        "clipped group (head permutations, signed permutations of V dims) is not catalogued"
+    )
+
+
+def olmoe_head_dim(config, value) -> str | None:
+    """OLMoE sizes q_norm by hidden_size and k_norm by (hidden_size / heads) * kv_heads: head_dim must be d / H."""
+    d, h = config.hidden_size, config.num_attention_heads
+    if value is None or value == d // h:
+        return None
+    return f"OLMoE's q_norm / k_norm assume head_dim = hidden_size / num_attention_heads = {d // h}"
+
+
 # --------------------------------------------------------------------------------------------------- family records
 
 
@@ -138,7 +159,8 @@ class Family:
     ``"fused-qkv"`` (Phi-3 ``qkv_proj``, rows [Q | K | V]); ``qkv_bias`` / ``o_bias`` / ``mlp_bias``: a config key or a
     constant; ``qk_norm``: ``None``, ``"head"`` (Qwen3: RMSNorm over head_dim, one gain (d_h,) for all heads) or
     ``"full"`` (OLMo2: RMSNorm over all heads, gain (H d_h,)); ``mlp``: ``"swiglu"``, ``"fused-gate-up"`` (Phi-3,
-    rows [gate | up]), ``"moe"`` (Mixtral), ``"qwen2-moe"``; ``norms``: ``"pre"`` (``input_layernorm`` /
+    rows [gate | up]), ``"moe"`` (Mixtral, OLMoE: every layer routed), ``"qwen2-moe"`` (sparse step, ``mlp_only_layers``,
+    a gated shared expert), ``"qwen3-moe"`` (sparse step and ``mlp_only_layers``, no shared expert); ``norms``: ``"pre"`` (``input_layernorm`` /
     ``post_attention_layernorm`` read by the blocks), ``"post"`` (OLMo2: the blocks read the raw stream and their
     outputs are normalised: ``post_attention_layernorm`` / ``post_feedforward_layernorm``) or ``"sandwich"``
     (Gemma2/3: both, four norms per layer); ``norm``: ``"rmsnorm"`` (gain w) or ``"rmsnorm-1p"`` (Gemma: gain 1 + w,
@@ -364,8 +386,8 @@ def _full_qk_norm_attention(prefix: str, shape: AttentionShape, stream: Units, q
     params[f"{prefix}.q_norm.weight"] = param((hq,), f.q(r))
     params[f"{prefix}.k_norm.weight"] = param((hkv,), f.k())
     note = (
-        f"{prefix}: QK-norm over all heads (OLMo2) with per-row gains: Q/K keep only the head permutation (gains move with "
-        "their heads); GL(d_h) and RoPE rotation-scalings on Q/K are gone (discrete per-pair {+-I, +-J} and a common "
+        f"{prefix}: QK-norm over all heads (OLMo2, OLMoE) with per-row gains: Q/K keep only the head permutation (gains "
+        "move with their heads); GL(d_h) and RoPE rotation-scalings on Q/K are gone (discrete per-pair {+-I, +-J} and a common "
         "eps-approximate scale are not catalogued); V/O keep GL(d_h) per KV group"
     )
     return Fragment.of(f.all, params, notes=[note])
@@ -399,15 +421,22 @@ def _routed_experts(config, fam: Family, b: str, stream: Units) -> Fragment:
     )
 
 
+def _sparse_layer(config, i: int) -> bool:
+    """Qwen2-MoE / Qwen3-MoE: layer ``i`` is routed unless listed in ``mlp_only_layers`` or off the sparse step."""
+    return i not in (config.mlp_only_layers or []) and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0
+
+
 def _mlp(config, fam: Family, i: int, b: str, stream: Units) -> Fragment:
     if fam.mlp == "moe":
         return _routed_experts(config, fam, b, stream)
-    if fam.mlp == "qwen2-moe":
-        sparse = i not in (config.mlp_only_layers or []) and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0
-        if not sparse:
+    if fam.mlp in ("qwen2-moe", "qwen3-moe"):
+        if not _sparse_layer(config, i):
             return _dense_mlp(config, fam, b, stream)
+        frag = _routed_experts(config, fam, b, stream)
+        if fam.mlp == "qwen3-moe":  # no shared expert
+            return frag
         d = fam.size(config, "d")
-        return _routed_experts(config, fam, b, stream) + catalogue.shared_expert(
+        return frag + catalogue.shared_expert(
             f"{b}.mlp.shared_expert", d, config.shared_expert_intermediate_size, stream, gate=f"{b}.mlp.shared_expert_gate.weight"
         )
     return _dense_mlp(config, fam, b, stream)
@@ -563,10 +592,72 @@ FAMILY_RECORDS: tuple[Family, ...] = (
         },
         inert=_ROPE_INERT | {"router_jitter_noise"},
     ),
+    Family(
+        "olmoe", decoder, qk_norm="full", mlp="moe", qkv_bias="attention_bias", o_bias="attention_bias",
+        sizes={**_ROPE_SIZES, "experts": "num_experts", "expert_ffn": "intermediate_size"},
+        group="as OLMo2 on Q/K (QK-norm over all heads with per-row gains: heads permute, nothing continuous on Q/K), "
+        "pre-norm signed stream permutations, V/O GL(d_h) per KV group; as Mixtral on the experts: experts permute "
+        "(router rows with them), each expert's SwiGLU units permute and scale, top-k softmax routing adds a common "
+        "router translation (with or without norm_topk_prob)",
+        options={
+            **_ROPE_OPTIONS, "attention_bias": handled, "num_experts_per_tok": softmax_router, "norm_topk_prob": softmax_router,
+            "clip_qkv": no_clip_qkv, "sliding_window": mask_only, "head_dim": olmoe_head_dim,
+        },
+        inert=_ROPE_INERT,
+    ),
+    Family(
+        "qwen3_moe", decoder, qk_norm="head", mlp="qwen3-moe", qkv_bias="attention_bias", o_bias="attention_bias",
+        sizes={**_ROPE_SIZES, "experts": "num_local_experts", "expert_ffn": "moe_intermediate_size"},
+        group="as Qwen3 on the stream and attention (per-head QK-norm: heads permute, per-head norm scales, q/k gain "
+        "balance per RoPE pair; V/O GL(d_h)); routed layers as Mixtral (experts permute with their router rows, "
+        "per-expert SwiGLU units permute and scale, router translation, with or without norm_topk_prob); dense layers "
+        "(mlp_only_layers, decoder_sparse_step) keep a SwiGLU group; no shared expert",
+        options={
+            **_ROPE_OPTIONS, **_SLIDING, "attention_bias": handled, "num_experts_per_tok": softmax_router,
+            "norm_topk_prob": softmax_router, "decoder_sparse_step": handled, "mlp_only_layers": handled,
+        },
+        inert=_ROPE_INERT,
+    ),
 )
 
 #: model_type -> family record (the supported families, as data)
 RECORDS: dict[str, Family] = {f.model_type: f for f in FAMILY_RECORDS}
+
+
+_MLA_REASON = (
+    "multi-head latent attention (MLA) has no derived group: queries and keys/values pass through low-rank latents "
+    "(q_a_proj -> q_a_layernorm -> q_b_proj; kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj, which emits each head's "
+    "[k_nope | v] rows) and RoPE runs on decoupled key dims k_pe shared by all heads and concatenated to each head's "
+    "no-RoPE dims, so the Q/K and V/O factors act on sub-blocks of a head and on RMSNormed latent axes the catalogue has "
+    "no layout for"
+)
+_SIGMOID_ROUTER_REASON = (
+    "; its sigmoid router (top-k over scores + e_score_correction_bias, group-limited by n_group / topk_group, "
+    "renormalised and scaled by routed_scaling_factor) would also need expert permutations that respect the expert "
+    "groups and move e_score_correction_bias with the router rows (no translation: sigmoid gates are not shift-invariant)"
+)
+#: model_type -> why it is refused (clearer than "no adapter"); any other config with ``kv_lora_rank`` is MLA too
+REFUSED: dict[str, str] = {
+    "deepseek_v2": _MLA_REASON + "; its softmax router can be group-limited (topk_method='group_limited_greedy', n_group / "
+    "topk_group), which restricts the expert permutations to ones that respect the expert groups",
+    "deepseek_v3": _MLA_REASON + _SIGMOID_ROUTER_REASON,
+    "deepseek_v32": _MLA_REASON + " (plus a sparse-attention indexer)" + _SIGMOID_ROUTER_REASON,
+    "gpt_neox": "the group is derived but not catalogued: LayerNorm stream permutations, heads permute, per head one "
+    "rotation-scaling per rotary pair and GL on the pass-through dims on Q/K (partial rotary, rotary_pct / "
+    "partial_rotary_factor), GL(d_h) on V/O, GELU units permute; the parallel residual does not change it (verified on "
+    "logits in tests/test_hf_families.py). query_key_value interleaves [q_h | k_h | v_h] per head, so a head's Q, K and "
+    "V rows are not contiguous segments of one factor, and the spec has no interleaved (strided) per-head layout yet",
+}
+
+
+def refusal(config) -> str | None:
+    """Why ``config``'s architecture is refused by design (MLA, ...), or ``None``."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        return REFUSED[model_type]
+    if getattr(config, "kv_lora_rank", None):
+        return _MLA_REASON
+    return None
 
 
 def _build(model_type: str) -> Callable[[object], Spec]:
@@ -617,7 +708,7 @@ def meta_shapes(config) -> dict[str, tuple[int, ...]]:
     if key not in _META_CACHE:
         try:
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+                model = _encoders.build_model(copy.deepcopy(config))  # causal LM, or an encoder's head class
         except Exception as exc:  # noqa: BLE001 - whatever transformers raises for a config it cannot build
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise UnsupportedArchitecture(
@@ -664,6 +755,9 @@ def spec_from_hf(model_or_config, *, check_meta: bool = True) -> Spec:
     config = getattr(config, "config", config)
     model_type = getattr(config, "model_type", None)
     fam = RECORDS.get(model_type)
+    why = refusal(config) if fam is None else None
+    if why:
+        raise UnsupportedArchitecture(f"Hugging Face model_type {model_type!r} is refused: {why}")
     if fam is None:
         raise UnsupportedArchitecture(
             f"no symmetry adapter for Hugging Face model_type {model_type!r}; supported: {', '.join(FAMILIES)}"
@@ -686,10 +780,16 @@ def load_hf(folder: str | os.PathLike, dtype=None):
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    model = _encoders.auto_class(config).from_pretrained(str(folder), **kwargs)  # causal LM, or an encoder's head class
     return model.eval()
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:
     p = Path(path)
     return p.is_dir() and (p / "config.json").is_file()
+
+
+# encoder families (BERT, RoBERTa, ViT) live in hf_encoders.py and register themselves here
+from . import hf_encoders as _encoders  # noqa: E402
+
+_encoders.register(RECORDS, FAMILIES)

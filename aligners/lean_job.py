@@ -1,0 +1,181 @@
+"""``symm align A B --barrier none`` on Hugging Face safetensors folders, at billion-parameter scale.
+
+No torch model is instantiated with weights: both checkpoints are memory-mapped from their shards
+(:mod:`symm.shards`), matched in their stored dtype when it is float32 (float64 checkpoints in float64, half
+precision in float32), the found element is applied tensor by tensor while the aligned B is written shard by
+shard in B's own layout (same shard files, index, dtype; config, tokenizer and side files copied), and the written
+folder is read back (memory-mapped) and checked to compute B's function on a probe batch with the real
+``transformers`` forward pass (a meta-device skeleton that borrows the weights). Peak memory is about one model
+for A and B each (file pages) plus the working B and the score caches; never two full models in float64.
+
+The job's other guarantees are those of :func:`aligners.job.align`: inputs checked first (configs, same
+architecture, shapes from the headers, every weight finite), the output locked, everything staged, the staged
+folder checked, then published at once (report last). Folders whose on-disk layout differs from the in-memory
+one (MoE families with fused experts) go through ``from_pretrained`` instead (:func:`lean_inputs` is ``None``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from symm.action import act_param
+from symm.adapters import spec_from_hf
+from symm.checkpoint import config_difference, hf_config, spec_difference
+from symm.errors import OutputError, SpecError
+from symm.io import atomic_write_text, compare_state_dicts
+from symm.publish import fault_point, publish
+from symm.shards import LazyFolder, check_shapes, lazy_layout, logits_probe
+from symm.spec import Spec
+
+from .outputs import check_same_function
+from .weight_matching import MatchInfo, weight_matching
+
+log = logging.getLogger(__name__)
+
+#: glibc's ``mallopt`` parameter number of the mmap threshold (``malloc.h``)
+M_MMAP_THRESHOLD = -3
+#: probe batch of the function check: random token windows (seeded), small enough for a 1 B model on a CPU
+PROBE_SHAPE = (2, 16)
+
+
+@dataclass
+class LeanPair:
+    a: LazyFolder
+    b: LazyFolder
+    spec: Spec
+
+
+def lean_inputs(path_a: Path, path_b: Path) -> LeanPair | None:
+    """Both folders read lazily, or ``None`` when one of them cannot be (not a folder, ``.bin`` weights, an on-disk
+    layout that differs from the in-memory one). Different architectures raise :class:`SpecError` (exit 2)."""
+    from symm.adapters import is_hf_folder
+
+    if not (is_hf_folder(path_a) and is_hf_folder(path_b)):
+        return None
+    ca, cb = hf_config(path_a), hf_config(path_b)
+    if ca.model_type in ("bert", "roberta", "vit"):  # encoders (symm.adapters.hf_encoders): their own head class
+        return None  # and probe inputs; aligned through from_pretrained
+    spec_a, spec_b = spec_from_hf(ca), spec_from_hf(cb)
+    if spec_a != spec_b:
+        what = config_difference(ca, cb) or spec_difference(spec_a, spec_b)
+        raise SpecError(f"{path_a} and {path_b} have different architectures ({spec_a.name} vs {spec_b.name}): {what}")
+    la, lb = lazy_layout(path_a, ca, spec_a.params), lazy_layout(path_b, cb, spec_b.params)
+    if la is None or lb is None:
+        return None
+    return LeanPair(la, lb, spec_a)
+
+
+def _work_dtype(params) -> torch.dtype:
+    return torch.float64 if any(v.dtype == torch.float64 for v in params.values()) else torch.float32
+
+
+def _stored_dtype(params) -> torch.dtype:
+    return next((v.dtype for v in params.values() if torch.is_floating_point(v)), torch.float32)
+
+
+def _cast(params, dtype):
+    """Tensors already in ``dtype`` are shared (memory-mapped pages stay file pages)."""
+    return {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in params.items()}
+
+
+def return_freed_memory() -> None:
+    """glibc: serve every allocation of 1 MiB or more by its own mapping, so that a freed tensor goes back to the
+    system at once. (By default the threshold adapts upwards to 32 MiB, and tensors below it freed while the matcher
+    replaces them stay in the heap: about one more model's worth of resident memory at 0.1-0.5 B parameters.)"""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def run_lean(pair: LeanPair, stage: Path, plan, *, seed: int = 0, backend: str = "auto", progress: bool = True,
+             stream: str | None = None, device: str = "cpu") -> dict:
+    """Match, write the aligned B into ``stage``, check it, publish; returns the report."""
+    from .job import stream_group
+
+    return_freed_memory()
+    t0 = time.perf_counter()
+    spec, la, lb = pair.spec, pair.a, pair.b
+    check_shapes(la, spec)
+    check_shapes(lb, spec)
+    # read through the mappings into own memory (every tensor checked finite): the matcher replaces B's tensors
+    # as it moves them and A's rescaled ones, and each replaced tensor is freed at once
+    pa, pb = la.state_dict(copy=True), lb.state_dict(copy=True)
+    compare_state_dicts(pa, pb, (str(la.path), str(lb.path)))
+    spec.check_params(pa, what=str(la.path))
+    work, stored = _work_dtype(pb), _stored_dtype(pb)
+    stream_used, stream_fixed = stream_group(spec, stream)
+    t_load = time.perf_counter() - t0
+    fault_point("loaded")
+
+    info, t1, ortho = MatchInfo(), time.perf_counter(), None
+    if stream_used == "orthogonal":
+        from symm.folding import layout_for
+
+        from .orthogonal_stream import match_orthogonal
+
+        result = match_orthogonal(spec, layout_for(la.config, pa), _cast(pa, work), _cast(pb, work), seed=seed, backend=backend, progress=progress)
+        info.sweeps, info.converged = result.rounds, result.converged
+        ortho = {"rounds": result.rounds, "folded_distances": result.distances}
+        aligned = result(pb)
+        tensor_of = aligned.__getitem__
+    else:
+        inputs = [_cast(pa, work), _cast(pb, work)]
+        del pa, pb  # the matcher alone holds the inputs (it frees what it replaces)
+        g = weight_matching(spec, inputs.pop(0), inputs.pop(0), seed=seed, backend=backend, progress=progress, info=info,
+                            fixed=stream_fixed or None, device=device)
+        tensor_of = lambda key: act_param(spec, spec.params[key], lb.tensor(key), g.values)  # noqa: E731  B's dtype
+    pa = pb = None  # A is no longer needed; B is read again (memory-mapped) for writing and the check
+    la.close()
+    t_align = time.perf_counter() - t1
+    fault_point("matched")
+
+    t2 = time.perf_counter()
+    target = stage / plan.aligned
+    try:
+        from symm.shards import write_like
+
+        write_like(lb, target, tensor_of)
+        fault_point("staged-model")
+        written = lazy_layout(target, lb.config, spec.params)
+        if written is None:
+            raise OutputError(f"the written {plan.aligned} does not read back in B's layout; nothing was published")
+        tokens = torch.randint(0, lb.config.vocab_size, PROBE_SHAPE, generator=torch.Generator().manual_seed(0))
+        probe = logits_probe(lb.config, tokens, work)
+        error = check_same_function(probe, lb.state_dict(check_finite=False), written.state_dict(), stored, f"the saved folder {plan.aligned}")
+        written.close()
+        t_write = time.perf_counter() - t2
+        report = {
+            "models": {"A": str(la.path), "B": str(lb.path), "format": "hf", "dtype": str(stored)[6:],
+                       "architecture": f"Hugging Face {lb.config.model_type} causal LM ({spec.name})"},
+            "spec": {"name": spec.name, "factors": len(spec.factors), "parameters": len(spec.params), "continuous_dimension": spec.dimension},
+            "method": "weights",
+            "stream": stream_used,
+            **({"orthogonal": ortho} if ortho else {}),
+            "backend": backend,
+            "repair": False,
+            "data": None,
+            "sweeps": info.sweeps,
+            "converged": info.converged,
+            "function_check": {"max_relative_error": error, "evaluated_in": str(work)[6:], "probe": f"{PROBE_SHAPE[0]} random windows of {PROBE_SHAPE[1]} tokens"},
+            "barrier": "none",
+            "loader": "memory-mapped safetensors, written shard by shard",
+            "device": device,
+            "timings_s": {"load": t_load, "align": t_align, "write": t_write, "total": time.perf_counter() - t0},
+            "outputs": plan.shown(),
+        }
+        atomic_write_text(stage / plan.report, json.dumps(report, indent=2) + "\n")
+        fault_point("staged")
+        publish(stage, plan.real, plan.names)
+    except OSError as exc:
+        where = exc.filename or plan.out
+        raise OutputError(f"{exc.strerror or exc} ({where}) while writing the results to {plan.out}; nothing was written") from None
+    return report

@@ -1,0 +1,46 @@
+"""Smoke test of ``experiments/lm_lmc.py --quick``: tiny models, a few dozen steps, a temporary cache and output."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _load_script(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))  # the script imports its sibling ``_common``
+    return importlib.import_module("lm_lmc")
+
+
+def test_quick_run_writes_a_row_per_setting(tmp_path, monkeypatch):
+    lm_lmc = _load_script(monkeypatch)
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    lm_lmc.main(["--quick", "--cache", str(cache), "--out", str(out)])
+
+    payload = json.loads((out / "lm_lmc.json").read_text())
+    assert payload["complete"] and payload["quick"]
+    assert (out / "lm_lmc.png").stat().st_size > 0
+    rows = payload["rows"]
+    for family in lm_lmc.FAMILIES:
+        settings = [r["setting"] for r in rows if r["family"] == family]
+        expected = [s for s in lm_lmc.SETTINGS if s != "experts-fixed" or family == "mixtral"]
+        assert settings == expected, family
+        naive = [r["naive"] for r in rows if r["family"] == family and r["status"] == "ok"]
+        assert naive and all(math.isfinite(x) and x >= 0 for x in naive), family
+        assert max(naive) - min(naive) < 1e-9, "every setting evaluates the same naive path"
+    by = {(r["family"], r["setting"]): r for r in rows}
+    assert by[("llama", "signed")]["status"] == "ok"
+    assert by[("gpt2", "signed")]["status"] == "refused" and "--stream signed" in by[("gpt2", "signed")]["message"]
+    assert by[("mixtral", "experts-fixed")]["status"] == "ok"
+    for family in lm_lmc.FAMILIES:  # learned matching is recorded, whether it exists yet or not
+        assert by[(family, "learned")]["status"] in ("ok", "not available")
+
+    # models are cached complete (no staging folders left) and reused by a rerun
+    folders = sorted(p.name for p in cache.iterdir())
+    assert len(folders) == 6 and not any(name.startswith(".") for name in folders)
+    stamps = {p: (p / "train.json").stat().st_mtime_ns for p in cache.iterdir()}
+    lm_lmc.main(["--quick", "--cache", str(cache), "--out", str(out), "--families", "llama"])
+    assert all((p / "train.json").stat().st_mtime_ns == t for p, t in stamps.items())
