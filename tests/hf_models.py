@@ -34,17 +34,23 @@ def configs() -> dict:
     }
 
 
-def build(name: str, seed: int = 0):
-    """A model with random (not default-initialised) weights, in eval mode, float32."""
-    from transformers import AutoModelForCausalLM
+def from_config(config, seed: int = 0, auto_class=None):
+    """A model of ``config`` with random (not default-initialised) weights N(0, 0.2^2), in eval mode, float32."""
+    if auto_class is None:
+        from transformers import AutoModelForCausalLM as auto_class
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(configs()[name]).eval()
+    model = auto_class.from_config(config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(0.2 * torch.randn(p.shape, generator=gen))
     return model
+
+
+def build(name: str, seed: int = 0):
+    """A model with random (not default-initialised) weights, in eval mode, float32."""
+    return from_config(configs()[name], seed)
 
 
 def params_of(model) -> dict[str, torch.Tensor]:
@@ -112,12 +118,4 @@ def family_configs() -> dict:
 
 def build_family(name: str, seed: int = 0):
     """As :func:`build`, for :func:`family_configs`."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_configs()[name]).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    return model
+    return from_config(family_configs()[name], seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_models import VOCAB, build_family, configs, family_configs, logits_fn, params_of
+from hf_models import VOCAB, build_family, configs, family_configs, from_config, logits_fn, params_of
 from symm.action import act
 from symm.adapters import hf, load_hf, spec_from_hf
 from symm.cli import main
@@ -546,19 +546,13 @@ def test_any_latent_attention_config_is_refused_as_mla():
 
 
 def _neox(parallel: bool, seed: int = 0):
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+    from transformers import GPTNeoXConfig
 
     config = GPTNeoXConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, use_parallel_residual=parallel,
         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}, bos_token_id=0, eos_token_id=2,
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    return model
+    return from_config(config, seed)
 
 
 def _gl(n, gen):

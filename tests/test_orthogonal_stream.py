@@ -9,7 +9,7 @@ import torch
 
 from aligners import weight_matching
 from aligners.orthogonal_stream import align_orthogonal, free_tensors, match_orthogonal, stream_factors
-from hf_models import VOCAB, build, build_family, family_configs, logits_fn, params_of
+from hf_models import VOCAB, build, build_family, family_configs, from_config, logits_fn, params_of
 from planted import reference_params, rel_distance
 from symm.action import act
 from symm.adapters import spec_from_hf
@@ -47,7 +47,7 @@ def _hf(name: str, seed: int = 0):
         return build_family(name, seed)
     if name not in ("llama-gqa-untied", "gpt2-untied", "gemma-untied"):
         return build(name, seed)
-    from transformers import AutoModelForCausalLM, GemmaConfig, GPT2Config, LlamaConfig
+    from transformers import GemmaConfig, GPT2Config, LlamaConfig
 
     if name == "gemma-untied":  # (1 + w) gains
         config = GemmaConfig(
@@ -61,13 +61,7 @@ def _hf(name: str, seed: int = 0):
             vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=48, tie_word_embeddings=False,
         )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    return model
+    return from_config(config, seed)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

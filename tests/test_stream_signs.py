@@ -10,7 +10,7 @@ import torch
 
 from aligners import weight_matching
 from aligners.job import stream_group, stream_signs
-from hf_models import VOCAB, build, logits_fn, params_of
+from hf_models import VOCAB, build, from_config, logits_fn, params_of
 from planted import reference_params, rel_distance
 from symm.action import act
 from symm.adapters import spec_from_hf
@@ -134,16 +134,10 @@ def test_align_stream_option(tmp_path):
 
 
 def _untied_gpt2(seed: int):
-    from transformers import AutoModelForCausalLM, GPT2Config
+    from transformers import GPT2Config
 
     config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=VOCAB, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    return model
+    return from_config(config, seed)
 
 
 def _is_gain(key: str) -> bool:
