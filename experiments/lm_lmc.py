@@ -295,6 +295,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     p.add_argument("--points", type=int, default=None, help="barrier grid points (default 7; --quick 3)")
     p.add_argument("--quick", action="store_true", help="tiny models, a few dozen steps (smoke test)")
+    p.add_argument("--width", type=int, default=None, help="model width d (default 64; MLP 3d, experts 1.5d)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of lm_lmc.json and lm_lmc.png")
     return p.parse_args(argv)
 
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
     sizes, training, budget = QUICK if args.quick else (Sizes(), Training(), Budget())
     if args.steps is not None:
         training = Training(**(asdict(training) | {"steps": args.steps}))
+    if args.width is not None:
+        sizes = Sizes(**(asdict(sizes) | {"d": args.width, "ff": 3 * args.width, "expert_ff": 3 * args.width // 2}))
     if args.points is not None:
         budget = Budget(**(asdict(budget) | {"points": args.points}))
     pairs = args.pairs if args.pairs is not None else (1 if args.quick else 2)

@@ -9,8 +9,9 @@ gains keeps the function and carries those gains exactly.
 
 LayerNorm is RMSNorm of the centred stream C x (C = I - 11^T/d) and commutes with every orthogonal O with O 1 = 1
 (then O C = C O). Its bias is a vector of the norm's output space: folded as b -> b / g, rotated b -> O b, unfolded
-b -> g' * b. Every reader of a LayerNorm stream centres, so :func:`fold` also projects the writers onto the
-zero-mean subspace (v -> C v, same function), which keeps the irrelevant mean out of the Procrustes fit.
+b -> g' * b. Such an O keeps the mean component of every writer (which no reader sees: every reader centres), so
+writers are left as they are; :func:`centre_writers` removes those components (same function) when wanted, and
+Procrustes on a centred stream only reads the 1^perp block (:func:`nearest_orthogonal`).
 
 Families are data: a table of name rules (:data:`FAMILIES`) saying which parameters are gains, which readers each
 gain feeds, and which parameters are writers or readers on which axis. Any parameter no rule knows is refused.
@@ -367,8 +368,8 @@ def is_folded(params: Params, layout: StreamLayout, atol: float = 0.0) -> bool:
 
 
 def fold(params: Params, layout: StreamLayout) -> dict[str, torch.Tensor]:
-    """Gains into their readers: W -> W diag(g), b -> b / g, g -> 1; LayerNorm writers centred (same function; new
-    tensors, computed in float64)."""
+    """Gains into their readers: W -> W diag(g), b -> b / g, g -> 1 (same function; new tensors, computed in
+    float64)."""
     _check_keys(params, layout)
     out = _copy(params)
     for norm in layout.norms:
@@ -379,7 +380,7 @@ def fold(params: Params, layout: StreamLayout) -> dict[str, torch.Tensor]:
         for r in norm.readers:
             out[r] = _along(params[r], layout.axis_of(r), lambda w, g=g: w * g)
         out[norm.name] = torch.full_like(params[norm.name], 1.0 - layout.gain_offset)
-    return centre_writers(out, layout)
+    return out
 
 
 def centre_writers(params: Params, layout: StreamLayout) -> dict[str, torch.Tensor]:
