@@ -137,6 +137,29 @@ GPT2_RULES: tuple[Rule, ...] = (
 )
 
 
+_V = r"vit\.layers\.(\d+)"
+#: Hugging Face ViT (``ViTForImageClassification``): pre-LN with bias; the patch conv, CLS token and position
+#: embeddings write the stream, the classifier reads the final LayerNorm
+VIT_RULES: tuple[Rule, ...] = (
+    _r(r"vit\.embeddings\.(cls_token|position_embeddings)", "writer"),
+    _r(r"vit\.embeddings\.patch_embeddings\.projection\.weight", "writer", -4),
+    _r(r"vit\.embeddings\.patch_embeddings\.projection\.bias", "writer"),
+    _r(r"vit\.layernorm\.weight", "gain"),
+    _r(r"vit\.layernorm\.bias", "bias", norm="vit.layernorm.weight"),
+    _r(r"classifier\.weight", "reader", norm="vit.layernorm.weight"),
+    _r(r"classifier\.bias", "other"),
+    _r(_V + r"\.layernorm_(before|after)\.weight", "gain"),
+    _r(_V + r"\.layernorm_(before|after)\.bias", "bias", norm="vit.layers.{0}.layernorm_{1}.weight"),
+    _r(_V + r"\.attention\.[qkv]_proj\.weight", "reader", norm="vit.layers.{0}.layernorm_before.weight"),
+    _r(_V + r"\.attention\.[qkv]_proj\.bias", "other"),
+    _r(_V + r"\.attention\.o_proj\.weight", "writer", -2),
+    _r(_V + r"\.mlp\.fc1\.weight", "reader", norm="vit.layers.{0}.layernorm_after.weight"),
+    _r(_V + r"\.mlp\.fc1\.bias", "other"),
+    _r(_V + r"\.mlp\.fc2\.weight", "writer", -2),
+    _r(_V + r"\.(attention\.o_proj|mlp\.fc2)\.bias", "writer"),
+)
+
+
 @dataclass(frozen=True)
 class Family:
     """A family's stream rules, its norm kind (``rms``, or ``layer``: LayerNorm centres the stream) and the offset
@@ -162,6 +185,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family(HF_DECODER_RULES),
     "qwen2_moe": Family(HF_DECODER_RULES),
     "gpt2": Family(GPT2_RULES, "layer"),
+    "vit": Family(VIT_RULES, "layer"),
 }
 
 

@@ -335,3 +335,22 @@ def test_tied_models_keep_only_the_gain_stabiliser():
     spec = spec_for(config)
     g = GroupElement.sample(spec, 5, only=["stream", "stream.sign"])
     assert _rel(f(act(spec, base_params, g), tokens), f(base_params, tokens)) <= 1e-12
+
+
+def test_vit_orthogonal_stream():
+    """ViT (pre-LN with bias, patch conv + CLS + position embeddings writing the stream): a random O with O 1 = 1
+    keeps the logits of the folded model, and a planted element is recovered."""
+    import test_hf_encoders as enc
+
+    model = enc.build("vit")
+    params = enc.params_of(model)
+    f = enc.logits_fn(model, enc.inputs_for("vit"))
+    spec, layout = spec_from_hf(model), layout_for(model, params)
+    assert layout.centred and "vit.embeddings.patch_embeddings.projection.weight" in layout.writers
+    base = f(params)
+    folded = fold(params, layout)
+    for seed in range(3):
+        O = _orthogonal(layout, seed)
+        assert _rel(f(act_orthogonal(folded, layout, O)), base) <= 1e-5  # measured 2.3e-6
+        assert _rel(f(act_orthogonal(params, layout, O, require_folded=False)), base) > 1e-2
+    _check_planted(spec, layout, params, f, tol_fn=1e-5, tol_dist=1e-4)  # measured 6.6e-6
