@@ -280,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="residual-stream group: permutations only, signed permutations (RMSNorm streams), or "
                          "orthogonal after folding the norm gains (untied RMSNorm and LayerNorm decoders, O 1 = 1 for "
                          "LayerNorm; the aligned B carries A's gains). Default: the largest the model allows "
-                         "(orthogonal where allowed, else signed, else permutation)")
+                         "(orthogonal where allowed, else signed, else permutation); with --barrier none on safetensors folders, the "
+                         "catalogue's group (signed or permutation): the streaming path keeps billion-parameter models in "
+                         "float32")
     al.add_argument("--repair", action="store_true", help="also plot the aligned path with REPAIR renormalisation of hidden units")
     al.add_argument("--barrier", choices=["full", "none"], default="full",
                     help="full (default): measure and plot the naive and aligned barrier curves; none: skip them (no plot). "
