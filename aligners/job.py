@@ -30,7 +30,7 @@ from symm.data import Split, TokenSplit, digits, mnist1d
 from symm.errors import CheckpointError, DataError, OutputError, SpecError, UnsupportedArchitecture, UsageError
 from symm.evaluate import functional
 from symm.io import checkpoint_format, compare_state_dicts
-from symm.publish import OutputLock, discard, fault_point, make_staging, publish, recover
+from symm.publish import fault_point, publish, staged_output
 from symm.spec import Spec
 from symm.train import evaluate_classifier
 from symm.user_data import SEQ_LEN, data_kind, folder_tokenizer_tokens, has_tokenizer, limit_samples, load_tensor_split, load_text_tokens
@@ -464,25 +464,16 @@ def align(
     plan = plan_outputs(path_b, is_hf_folder(path_b), out_dir, plot=barrier != "none")
     preflight(plan, inputs, None, need_bytes=int(1.1 * disk_size(path_b)) + 1_000_000)
     created = make_parents(plan.real.parent)
-    lock, stage = OutputLock(plan.real), None
-    try:
-        lock.acquire()
-        recover(plan.real)  # what killed runs left (their lock is free: we hold it)
-        preflight(plan, inputs, overwrite)  # again under the lock, now with existing outputs
-        stage = make_staging(plan.real)
-        fault_point("locked")
-        lean = lean_inputs(path_a, path_b) if barrier == "none" and method == "weights" else None
-        if lean is not None:  # no models instantiated: memory-mapped weights, B written shard by shard
-            return run_lean(lean, stage, plan, seed=seed, backend=backend, progress=progress, stream=stream, device=device)
-        outcome = _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress, stream,
-                       max_tokens, max_samples, barrier, device, learn_steps)
-        _write_and_publish(stage, plan, outcome)
-        return outcome.report
-    except BaseException:
-        discard(stage)
-        raise
+    try:  # preflight again under the lock, now with existing outputs
+        with staged_output(plan.real, lambda: preflight(plan, inputs, overwrite)) as stage:
+            lean = lean_inputs(path_a, path_b) if barrier == "none" and method == "weights" else None
+            if lean is not None:  # no models instantiated: memory-mapped weights, B written shard by shard
+                return run_lean(lean, stage, plan, seed=seed, backend=backend, progress=progress, stream=stream, device=device)
+            outcome = _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress, stream,
+                           max_tokens, max_samples, barrier, device, learn_steps)
+            _write_and_publish(stage, plan, outcome)
+            return outcome.report
     finally:
-        lock.release()
         remove_empty(created)
 
 

@@ -29,7 +29,7 @@ from symm.adapters import is_hf_folder
 from symm.checkpoint import Checkpoint, load_checkpoint
 from symm.errors import CheckpointError, FunctionMismatch, OutputError, UsageError
 from symm.io import atomic_write_text, save_state_dict
-from symm.publish import OutputLock, discard, fault_point, make_staging, publish, recover
+from symm.publish import fault_point, publish, staged_output
 
 from .activation_matching import activation_matching
 from .job import ACTIVATIONS, DATASETS, Task, _check_input_kind, cast, eval_dtype, resolve, storage_dtype
@@ -122,25 +122,15 @@ def merge(
     need = int(1.1 * sum(disk_size(p) for p in paths) + 1.1 * disk_size(paths[0])) + 1_000_000
     preflight(plan, paths, None, need_bytes=need)
     created = make_parents(plan.real.parent)
-    lock, stage = OutputLock(plan.real), None
     try:
-        lock.acquire()
-        recover(plan.real)
-        preflight(plan, paths, overwrite)
-        stage = make_staging(plan.real)
-        fault_point("locked")
-        report = _run(paths, plan, stage, method, weights, data, activation, max_rounds, ste_steps, seed, backend, progress)
-        publish(stage, plan.real, plan.names)
-        return report
+        with staged_output(plan.real, lambda: preflight(plan, paths, overwrite)) as stage:
+            report = _run(paths, plan, stage, method, weights, data, activation, max_rounds, ste_steps, seed, backend, progress)
+            publish(stage, plan.real, plan.names)
+            return report
     except OSError as exc:
-        discard(stage)
         where = exc.filename or plan.out
         raise OutputError(f"{exc.strerror or exc} ({where}) while writing the results to {plan.out}; nothing was written") from None
-    except BaseException:
-        discard(stage)
-        raise
     finally:
-        lock.release()
         remove_empty(created)
 
 

@@ -27,7 +27,8 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputError
@@ -251,3 +252,21 @@ def discard(stage: Path | None) -> None:
     """Remove an unpublished staging folder (after an error)."""
     if stage is not None and stage.exists() and not (stage / COMMIT).exists():
         shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextmanager
+def staged_output(out: Path, check: Callable[[], None]) -> Iterator[Path]:
+    """Lock ``out``, clean up what killed runs left, run ``check`` again under the lock and yield a fresh staging
+    folder; the caller writes into it and :func:`publish` es it inside the block. On any exception the stage is
+    discarded and nothing reaches ``out``; the lock is released either way."""
+    stage: Path | None = None
+    with OutputLock(out):
+        try:
+            recover(out)  # what killed runs left (their lock is free: we hold it)
+            check()
+            stage = make_staging(out)
+            fault_point("locked")
+            yield stage
+        except BaseException:
+            discard(stage)
+            raise
