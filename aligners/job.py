@@ -24,6 +24,7 @@ from torch import nn
 
 from symm.action import act
 from symm.adapters import infer_spec, is_hf_folder, spec_from_hf
+from symm.adapters.hf_encoders import is_encoder
 from symm.adapters.infer import DenseChain
 from symm.checkpoint import Checkpoint, hf_architecture_difference, load_checkpoint
 from symm.data import Split, TokenSplit, digits, mnist1d
@@ -173,7 +174,7 @@ def _resolve_hf(a: Checkpoint, b: Checkpoint, data: str | None, dtype: torch.dty
         raise SpecError(difference)
     compare_state_dicts(a.params, b.params, (str(a.path), str(b.path)))
     spec = spec_from_hf(a.model)
-    if getattr(a.model.config, "model_type", None) in ("bert", "roberta", "vit"):  # symm.adapters.hf_encoders
+    if is_encoder(a.model.config):
         return _resolve_hf_encoder(a, b, spec, data, dtype, max_tokens)
     vocab, folder, path = a.model.config.vocab_size, _tokenizer_folder(a, b), data_path(data)
     seq_len = context_length(a.model.config)

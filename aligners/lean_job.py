@@ -27,6 +27,7 @@ import torch
 
 from symm.action import act_param
 from symm.adapters import spec_from_hf
+from symm.adapters.hf_encoders import is_encoder
 from symm.checkpoint import config_difference, hf_config, spec_difference
 from symm.errors import OutputError, SpecError
 from symm.io import atomic_write_text, compare_state_dicts
@@ -60,7 +61,7 @@ def lean_inputs(path_a: Path, path_b: Path) -> LeanPair | None:
     if not (is_hf_folder(path_a) and is_hf_folder(path_b)):
         return None
     ca, cb = hf_config(path_a), hf_config(path_b)
-    if ca.model_type in ("bert", "roberta", "vit"):  # encoders (symm.adapters.hf_encoders): their own head class
+    if is_encoder(ca):  # encoders: their own head class
         return None  # and probe inputs; aligned through from_pretrained
     spec_a, spec_b = spec_from_hf(ca), spec_from_hf(cb)
     if spec_a != spec_b:
