@@ -24,7 +24,7 @@ from torch import nn
 
 from symm.action import act
 from symm.adapters import infer_spec, is_hf_folder, spec_from_hf
-from symm.adapters.hf_encoders import is_encoder
+from symm.adapters.hf.encoders import is_encoder
 from symm.adapters.infer import DenseChain
 from symm.checkpoint import Checkpoint, hf_architecture_difference, load_checkpoint
 from symm.data import Split, TokenSplit, digits, mnist1d
@@ -189,10 +189,10 @@ def _resolve_hf(a: Checkpoint, b: Checkpoint, data: str | None, dtype: torch.dty
 
 def _resolve_hf_encoder(a: Checkpoint, b: Checkpoint, spec: Spec, data: str | None, dtype: torch.dtype,
                         max_tokens: int | None = None) -> tuple[Spec, Task, str]:
-    """Encoders (:mod:`symm.adapters.hf_encoders`): BERT / RoBERTa on masked-LM loss and accuracy (15% of the positions
+    """Encoders (:mod:`symm.adapters.hf.encoders`): BERT / RoBERTa on masked-LM loss and accuracy (15% of the positions
     of each text window replaced by the mask token, seeded), ViT on classification loss and accuracy on scikit-learn
     digits (8x8 images, grey replicated over the channels)."""
-    from symm.adapters import hf_encoders as enc
+    from symm.adapters.hf import encoders as enc
 
     model, config = a.model, a.model.config
     kind = f"Hugging Face {config.model_type} {enc.architecture(config)} ({spec.name})"

@@ -27,7 +27,7 @@ import torch
 
 from symm.action import act_param
 from symm.adapters import spec_from_hf
-from symm.adapters.hf_encoders import is_encoder
+from symm.adapters.hf.encoders import is_encoder
 from symm.checkpoint import config_difference, hf_config, spec_difference
 from symm.errors import OutputError, SpecError
 from symm.io import atomic_write_text, compare_state_dicts

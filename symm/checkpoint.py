@@ -70,7 +70,7 @@ def check_hf_weights(folder: str | os.PathLike) -> tuple[int, int]:
 
 
 def _load_hf(folder: Path) -> nn.Module:
-    from .adapters.hf_encoders import auto_class
+    from .adapters.hf.encoders import auto_class
 
     model_class = auto_class(hf_config(folder))  # the causal LM, or an encoder's head class (config.architectures)
     files = hf_weight_files(folder)

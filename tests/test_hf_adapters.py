@@ -139,7 +139,7 @@ def test_mixtral_disk_layout_is_per_expert(tmp_path):
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    from transformers import GPTJConfig  # (BERT is supported since symm/adapters/hf_encoders.py)
+    from transformers import GPTJConfig  # (BERT is supported: symm/adapters/hf/encoders.py)
 
     with pytest.raises(UnsupportedArchitecture, match="'gptj'.*supported: gpt2"):
         spec_from_hf(GPTJConfig())

@@ -1,4 +1,4 @@
-"""Encoder families (BERT, RoBERTa, ViT; ``symm/adapters/hf_encoders.py``), checked on the logits of the
+"""Encoder families (BERT, RoBERTa, ViT; ``symm/adapters/hf/encoders.py``), checked on the logits of the
 ``transformers`` models themselves (float32) under 20 random group elements, with negative controls, positive
 controls of the symmetries that are derived but not catalogued, refusals, and planted recovery through ``symm align``."""
 
@@ -13,7 +13,7 @@ import transformers
 
 from symm.action import act
 from symm.adapters import hf, load_hf, spec_from_hf
-from symm.adapters.hf_encoders import architecture, build_model, digit_images, mask_windows
+from symm.adapters.hf.encoders import architecture, build_model, digit_images, mask_windows
 from symm.cli import main
 from symm.element import GroupElement
 from symm.errors import UnsupportedArchitecture

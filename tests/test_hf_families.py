@@ -320,7 +320,7 @@ def _read_by_modeling_code(model_type: str, config) -> set[str]:
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from symm.adapters.hf_encoders import ARCHITECTURES  # encoders: their head class (ViT has no causal LM)
+    from symm.adapters.hf.encoders import ARCHITECTURES  # encoders: their head class (ViT has no causal LM)
 
     cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) or ARCHITECTURES[model_type][0]
     text = Path(inspect.getsourcefile(getattr(transformers, cls))).read_text()

@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import catalogue
-from ..catalogue.attention import AttentionShape
-from ..catalogue.units import Units
-from ..errors import DataError, UnsupportedArchitecture
-from ..spec import Fragment, param
-from .hf import Family, _activation, handled, must_be_false, plain_activation
+from ... import catalogue
+from ...catalogue.attention import AttentionShape
+from ...catalogue.units import Units
+from ...errors import DataError, UnsupportedArchitecture
+from ...spec import Fragment, param
+from .family import Family
+from .options import _activation, handled, must_be_false, plain_activation
 
 #: model_type -> the head classes (``config.architectures``) the spec describes; the first is the default
 ARCHITECTURES: dict[str, tuple[str, ...]] = {
@@ -269,7 +270,7 @@ ENCODER_RECORDS: tuple[Family, ...] = (
 
 def register(records: dict, families: dict) -> None:
     """Add the encoder records to :data:`symm.adapters.hf.RECORDS` and their builders to ``FAMILIES``."""
-    from .hf import _build
+    from .records import _build
 
     for fam in ENCODER_RECORDS:
         records[fam.model_type] = fam
@@ -318,7 +319,7 @@ def mask_windows(windows: torch.Tensor, mask_id: int, seed: int = 0, fraction: f
 def digit_images(config, seed: int = 0):
     """scikit-learn digits as ``pixel_values`` for a ViT: ``(n, num_channels, H, W)`` (grey replicated over channels,
     resized bilinearly when ``image_size`` is not 8), with the 10 labels; refuses a classifier with fewer outputs."""
-    from ..data import digits
+    from ...data import digits
 
     if config.num_labels < 10:
         raise DataError(f"the digits evaluation has 10 classes; this ViT has num_labels={config.num_labels}")
