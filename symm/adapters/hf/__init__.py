@@ -85,3 +85,18 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
 
 
 _encoders.register(RECORDS, FAMILIES)  # encoder families (BERT, RoBERTa, ViT) live in encoders.py
+
+__all__ = [
+    "FAMILIES",
+    "RECORDS",
+    "REFUSED",
+    "Family",
+    "check_against_meta",
+    "family_spec",
+    "is_hf_folder",
+    "load_config",
+    "load_hf",
+    "meta_shapes",
+    "refusal",
+    "spec_from_hf",
+]
