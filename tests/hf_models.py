@@ -34,13 +34,15 @@ def configs() -> dict:
     }
 
 
-def from_config(config, seed: int = 0, auto_class=None):
-    """A model of ``config`` with random (not default-initialised) weights N(0, 0.2^2), in eval mode, float32."""
-    if auto_class is None:
-        from transformers import AutoModelForCausalLM as auto_class
+def from_config(config, seed: int = 0, build=None):
+    """A model of ``config`` (built by ``build(config)``, default the causal LM) with random (not default-initialised)
+    weights N(0, 0.2^2), in eval mode, float32."""
+    if build is None:
+        from transformers import AutoModelForCausalLM
 
+        build = AutoModelForCausalLM.from_config
     torch.manual_seed(seed)
-    model = auto_class.from_config(config).eval()
+    model = build(config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

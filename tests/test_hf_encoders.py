@@ -13,6 +13,7 @@ import transformers
 
 from symm.action import act
 from symm.adapters import hf, load_hf, spec_from_hf
+from hf_models import from_config
 from symm.adapters.hf.encoders import architecture, build_model, digit_images, mask_windows
 from symm.cli import main
 from symm.element import GroupElement
@@ -43,14 +44,9 @@ TOKENS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_see
 
 
 def build(name: str, seed: int = 0):
-    """A model with random (not default-initialised) weights, eval mode, float32."""
-    torch.manual_seed(seed)
-    model = build_model(configs()[name]).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    return model
+    """A model with random (not default-initialised) weights, eval mode, float32 (its head class)."""
+    config = configs()[name]
+    return from_config(config, seed, build_model)
 
 
 def inputs_for(name: str) -> torch.Tensor:

@@ -97,10 +97,8 @@ def _fused_qkv_attention(prefix: str, shape: AttentionShape, stream: Units) -> F
     return Fragment.of(f.all, params, notes=_attention_notes(prefix, "rope"))
 
 
-def _head_qk_norm_fixed_gains(prefix: str, shape: AttentionShape, stream: Units, qkv_bias: bool, o_bias: bool, eps: float) -> Fragment:
-    """Gemma3: per-head QK-norm as Qwen3, but with (1 + w) gains: the q/k gain balance (q gain x a, k gain / a) is not
-    linear in w, so it is dropped; heads permute, each Q/K head's scale is absorbed by its norm, V/O keep GL(d_h)."""
-    f = dataclasses.replace(catalogue.attention_factors(prefix, shape, "rope", "half", qk_norm=True, qk_norm_eps=eps), gain=None)
+def _qkvo_params(prefix: str, f: AttentionFactors, shape: AttentionShape, stream: Units, qkv_bias: bool, o_bias: bool) -> dict:
+    """Separate q/k/v/o projections (and optional biases) acted on by the attention factors ``f`` and the stream."""
     r, d = shape.group_size, shape.d_model
     hq, hkv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
     params = {}
@@ -111,6 +109,14 @@ def _head_qk_norm_fixed_gains(prefix: str, shape: AttentionShape, stream: Units,
     params[f"{prefix}.o_proj.weight"] = param((d, hq), stream.out(), f.o(r))
     if o_bias:
         params[f"{prefix}.o_proj.bias"] = param((d,), stream.out())
+    return params
+
+
+def _head_qk_norm_fixed_gains(prefix: str, shape: AttentionShape, stream: Units, qkv_bias: bool, o_bias: bool, eps: float) -> Fragment:
+    """Gemma3: per-head QK-norm as Qwen3, but with (1 + w) gains: the q/k gain balance (q gain x a, k gain / a) is not
+    linear in w, so it is dropped; heads permute, each Q/K head's scale is absorbed by its norm, V/O keep GL(d_h)."""
+    f = dataclasses.replace(catalogue.attention_factors(prefix, shape, "rope", "half", qk_norm=True, qk_norm_eps=eps), gain=None)
+    params = _qkvo_params(prefix, f, shape, stream, qkv_bias, o_bias)
     params[f"{prefix}.q_norm.weight"] = param((shape.head_dim,), None)
     params[f"{prefix}.k_norm.weight"] = param((shape.head_dim,), None)
     note = (
@@ -133,16 +139,8 @@ def _full_qk_norm_attention(prefix: str, shape: AttentionShape, stream: Units, q
     heads = HeadPermutation(f"{prefix}.heads", shape.n_heads, groups=shape.n_kv_heads, head_dim=shape.head_dim)
     vo = GeneralLinear(f"{prefix}.vo", shape.n_kv_heads, parent=heads.name, dim=shape.head_dim)
     f = AttentionFactors(heads, None, vo)
-    r, d = shape.group_size, shape.d_model
-    hq, hkv = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
-    params = {}
-    for name, n_out, acts, bias in (("q_proj", hq, f.q(r), qkv_bias), ("k_proj", hkv, f.k(), qkv_bias), ("v_proj", hkv, f.v(), qkv_bias)):
-        params[f"{prefix}.{name}.weight"] = param((n_out, d), acts, stream.inn())
-        if bias:
-            params[f"{prefix}.{name}.bias"] = param((n_out,), acts)
-    params[f"{prefix}.o_proj.weight"] = param((d, hq), stream.out(), f.o(r))
-    if o_bias:
-        params[f"{prefix}.o_proj.bias"] = param((d,), stream.out())
+    params = _qkvo_params(prefix, f, shape, stream, qkv_bias, o_bias)
+    r, hq, hkv = shape.group_size, shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
     params[f"{prefix}.q_norm.weight"] = param((hq,), f.q(r))
     params[f"{prefix}.k_norm.weight"] = param((hkv,), f.k())
     note = (
