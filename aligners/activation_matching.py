@@ -147,9 +147,12 @@ def _inverse_sqrt(c: torch.Tensor, rel_eps: float = 1e-8) -> torch.Tensor:
     return v @ torch.diag_embed(w.rsqrt()) @ v.transpose(-1, -2)
 
 
-def head_similarity(cov: _Covariance, n_heads: int, head_dim: int) -> torch.Tensor:
-    """(n_heads, n_heads): sum of squared canonical correlations of head i of A and head j of B (GL-invariant)."""
+def head_similarity(cov: _Covariance, n_heads: int) -> torch.Tensor:
+    """(n_heads, n_heads): sum of squared canonical correlations of head i of A and head j of B (GL-invariant).
+
+    The output projection's input holds the heads' outputs in head order: d_h = its width / n_heads."""
     caa, cbb, cab = cov.blocks()
+    head_dim = caa.shape[0] // n_heads
     idx = torch.arange(n_heads)
     wa = _inverse_sqrt(caa.reshape(n_heads, head_dim, n_heads, head_dim)[idx, :, idx])  # (h, d_h, d_h)
     wb = _inverse_sqrt(cbb.reshape(n_heads, head_dim, n_heads, head_dim)[idx, :, idx])
@@ -205,7 +208,7 @@ def collect_activations(
     return Activations(
         {f: m.correlation() for f, m in unit_m.items()},
         {f: torch.stack([stream_m[(f, m)].correlation() for m in ms]).mean(0) for f, ms in streams.items()},
-        {f: head_similarity(c, spec.factors[f].count, spec.factors[f].head_dim) for f, c in head_c.items()},
+        {f: head_similarity(c, spec.factors[f].count) for f, c in head_c.items()},
         {f: sum(stream_c[(f, m)].blocks()[2] for m in ms) for f, ms in streams.items()},
     )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from symm.adapters.hf.gauge import checkpoint_state_dict
 from symm.checkpoint import Checkpoint, load_checkpoint
 from symm.errors import FunctionMismatch, OutputError
 from symm.io import atomic_write_text, load_state_dict, save_state_dict
@@ -202,7 +203,7 @@ def save_aligned(b: Checkpoint, params: Mapping[str, torch.Tensor], path: Path) 
         return
     assert b.model is not None
     b.model.load_state_dict(dict(params))
-    b.model.save_pretrained(path)
+    b.model.save_pretrained(path, state_dict=checkpoint_state_dict(b.model))  # gauged blocks fused back
     for extra in b.path.iterdir():
         if extra.is_file() and not (path / extra.name).exists() and not extra.name.endswith(_SIDE_FILE_SKIP):
             shutil.copy2(extra, path / extra.name)

@@ -13,7 +13,10 @@ fixed={expert factors: identity})`` on the job's own Spec, task and probe). A se
 its message (``--method`` values the job does not know: "not available"); a setting that later lands is picked
 up without changes here.
 
-Usage: .venv/bin/python experiments/lm_lmc.py [--steps 2000] [--pairs 2] [--families llama gpt2 mixtral]
+``gpt2-untied`` (not in the default families) is GPT-2 with an untied LM head, Theus et al.'s setting, where the
+orthogonal LayerNorm stream exists.
+
+Usage: .venv/bin/python experiments/lm_lmc.py [--steps 2000] [--pairs 2] [--families llama gpt2 mixtral gpt2-untied]
 [--cache DIR] [--quick]. Writes results/lm_lmc.json and results/lm_lmc.png (or into ``--out``).
 """
 
@@ -48,7 +51,7 @@ from symm.io import atomic_write_text
 from symm.train import train_lm
 from symm.user_data import SEQ_LEN
 
-FAMILIES = ("llama", "gpt2", "mixtral")
+FAMILIES = ("llama", "gpt2", "mixtral", "gpt2-untied")
 #: align-job settings: name -> keyword arguments of :func:`aligners.job.align`
 JOB_SETTINGS = {
     "permutation": {"stream": "permutation"},
@@ -112,9 +115,10 @@ def config_for(family: str, s: Sizes):
         return LlamaConfig(intermediate_size=s.ff, **common)
     if family == "mixtral":
         return MixtralConfig(intermediate_size=s.expert_ff, num_local_experts=s.experts, num_experts_per_tok=s.top_k, **common)
-    if family == "gpt2":
+    if family in ("gpt2", "gpt2-untied"):  # untied: Theus et al.'s setting (their GPT-2s never tie)
         return GPT2Config(vocab_size=256, n_embd=s.d, n_layer=s.layers, n_head=s.heads, n_inner=s.ff, n_positions=positions,
-                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                          tie_word_embeddings=family == "gpt2")
     raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
 
 
@@ -292,7 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="trained-model cache (default ~/.cache/symm/lm_lmc)")
     p.add_argument("--steps", type=int, default=None, help="AdamW steps per model (default 2000; --quick 30)")
     p.add_argument("--pairs", type=int, default=None, help="pairs (seeds) per family (default 2; --quick 1)")
-    p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES[:3]), help="default: llama gpt2 mixtral")
     p.add_argument("--points", type=int, default=None, help="barrier grid points (default 7; --quick 3)")
     p.add_argument("--quick", action="store_true", help="tiny models, a few dozen steps (smoke test)")
     p.add_argument("--width", type=int, default=None, help="model width d (default 64; MLP 3d, experts 1.5d)")

@@ -71,6 +71,7 @@ def check_hf_weights(folder: str | os.PathLike) -> tuple[int, int]:
 
 def _load_hf(folder: Path) -> nn.Module:
     from .adapters.hf.encoders import auto_class
+    from .adapters.hf.gauge import gauge_model
 
     model_class = auto_class(hf_config(folder))  # the causal LM, or an encoder's head class (config.architectures)
     files = hf_weight_files(folder)
@@ -86,7 +87,7 @@ def _load_hf(folder: Path) -> nn.Module:
     bad = [f"missing {k}" for k in info.get("missing_keys", [])] + [f"wrong shape {k[0] if isinstance(k, tuple) else k}" for k in info.get("mismatched_keys", [])]
     if bad:
         raise CheckpointError(f"{folder}: the weights do not match config.json: {', '.join(map(str, bad[:8]))}")
-    return model.eval()
+    return gauge_model(model).eval()
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

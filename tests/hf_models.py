@@ -35,18 +35,19 @@ def configs() -> dict:
 
 
 def from_config(config, seed: int = 0, build=None):
-    """A model of ``config`` (built by ``build(config)``, default the causal LM) with random (not default-initialised)
-    weights N(0, 0.2^2), in eval mode, float32."""
+    """A model of ``config`` (built by ``build(config)``, default symm's :func:`~symm.adapters.hf.encoders.build_model`:
+    the causal LM, gauged) with random (not default-initialised) weights N(0, 0.2^2), in eval mode, float32."""
     if build is None:
-        from transformers import AutoModelForCausalLM
-
-        build = AutoModelForCausalLM.from_config
+        from symm.adapters.hf.encoders import build_model as build
     torch.manual_seed(seed)
     model = build(config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+        for name, buf in model.named_buffers():  # DeepSeek-V3-style routers' score bias (a persistent buffer, zero at init)
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(0.3 * torch.randn(buf.shape, generator=gen))
     return model
 
 
@@ -77,7 +78,7 @@ def family_configs() -> dict:
     """Tiny configs of the RoPE families beyond Llama: Mistral, Qwen2, Qwen3, OLMo2, Phi-3, Gemma 1-3, OLMoE, Qwen3-MoE
     (and Llama with biases)."""
     from transformers import (
-        Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Olmo2Config, OlmoeConfig, Phi3Config, Qwen2Config,
+        Dots1Config, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Olmo2Config, OlmoeConfig, Phi3Config, Qwen2Config,
         Qwen3Config, Qwen3MoeConfig,
     )
 
@@ -114,6 +115,26 @@ def family_configs() -> dict:
         "qwen3-moe-step": Qwen3MoeConfig(
             head_dim=8, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2, attention_bias=True,
             tie_word_embeddings=True, **small, **ids,
+        ),
+        # DeepSeek-V3-style routing (sigmoid, e_score_correction_bias, group-limited top-k, shared experts) in Dots1;
+        # eps 1e-7 as for "qwen3-moe" (per-head QK-norm scales are exact at eps = 0)
+        "dots1": Dots1Config(
+            head_dim=8, moe_intermediate_size=24, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+            first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-7, **small, **ids,
+        ),
+        "dots1-ungrouped": Dots1Config(
+            head_dim=8, moe_intermediate_size=24, n_shared_experts=2, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+            attention_bias=True, tie_word_embeddings=True, rms_norm_eps=1e-7, **small, **ids,
+        ),
+        # GPT-NeoX / Pythia: partial rotary, LayerNorm stream, parallel (default) or sequential residual
+        "gpt-neox": GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}, **ids,
+        ),
+        "gpt-neox-seq-tied": GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            use_parallel_residual=False, tie_word_embeddings=True, hidden_act="gelu_new",
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25}, **ids,
         ),
     }
 

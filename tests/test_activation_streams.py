@@ -64,7 +64,7 @@ def test_head_similarity_is_gl_invariant():
     zb = torch.einsum("nhd,hed->nhe", za[:, perm], mix)
     cov = _Covariance()
     cov.add(za.reshape(n, -1), zb.reshape(n, -1))
-    s = head_similarity(cov, h, dh)
+    s = head_similarity(cov, h)
     assert torch.equal(s.argmax(0), perm)  # B's head j is A's head perm[j]
     assert torch.allclose(s[perm, torch.arange(h)], torch.full((h,), float(dh), dtype=torch.float64), atol=1e-8)
     assert float(s.max(0).values.min()) > 2 * float(s.masked_fill(torch.nn.functional.one_hot(perm, h).T.bool(), 0).max())

@@ -4,6 +4,7 @@ refusal of config options the adapters do not derive, and the meta-device layout
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -59,7 +60,10 @@ def test_groups_per_family():
     assert olmo2 == {"heads": "head-permutation", "vo": "general-linear"}
     for name in NAMES:
         spec = spec_from_hf(family_configs()[name])
-        assert spec.factors["stream.sign"].kind == "sign-flip"  # RMSNorm streams (pre- or post-norm): signed permutations
+        if name.startswith("gpt-neox"):  # LayerNorm stream: permutations, no signs
+            assert "stream.sign" not in spec.factors and spec.factors["stream"].kind == "permutation"
+        else:
+            assert spec.factors["stream.sign"].kind == "sign-flip"  # RMSNorm streams (pre- or post-norm): signed permutations
         assert any(n.startswith(spec.name + ":") for n in spec.notes), spec.notes
     qwen2 = spec_from_hf(family_configs()["qwen2"])
     assert "model.layers.0.self_attn.q_proj.bias" in qwen2.params and "model.layers.0.self_attn.o_proj.bias" not in qwen2.params
@@ -377,6 +381,8 @@ def test_meta_check_is_cheap_and_cached():
         ("gemma3", ["QK-norm with (1 + w) gains", "norm-scale"]),
         ("olmoe", ["hf-olmoe", "QK-norm over all heads", "softmax gating adds a common translation", "norm_topk_prob"]),
         ("qwen3-moe", ["hf-qwen3-moe", "per-head QK-norm", "norm-scale", "softmax gating", "no shared expert"]),
+        ("dots1", ["hf-dots1", "e_score_correction_bias moves with the experts", "group-limited top-k (1 of 2 groups)", "grouped-permutation", "shared experts are not routed", "no router translation"]),
+        ("gpt-neox", ["hf-gpt-neox", "partial rotary (4 of 8 head dims)", "rotation-scaling", "parallel residual", "GL on the 4 pass-through dims"]),
     ],
 )
 def test_describe_states_group_and_reasons(name, needles, tmp_path, capsys):
@@ -390,7 +396,7 @@ def test_describe_states_group_and_reasons(name, needles, tmp_path, capsys):
 @pytest.mark.parametrize(
     "name",
     ["mistral", "qwen2", "qwen3", "olmo2", "olmo2-bias", "phi3", "gemma", "gemma2", "gemma3", "llama-bias", "olmoe",
-     "olmoe-norm-topk", "qwen3-moe", "qwen3-moe-step"],
+     "olmoe-norm-topk", "qwen3-moe", "qwen3-moe-step", "gpt-neox", "gpt-neox-seq-tied", "dots1", "dots1-ungrouped"],
 )
 def test_planted_recovery_through_symm_align(name, tmp_path):
     """B = g.A saved by save_pretrained; ``symm align A B`` gives back A (1e-4 relative) computing B's logits."""
@@ -526,7 +532,7 @@ def test_multi_head_latent_attention_is_refused_with_the_reason(model_type, tmp_
     with pytest.raises(UnsupportedArchitecture, match=f"'{model_type}' is refused: multi-head latent attention"):
         spec_from_hf(config)
     if model_type == "deepseek_v3":
-        with pytest.raises(UnsupportedArchitecture, match="e_score_correction_bias with the router rows"):
+        with pytest.raises(UnsupportedArchitecture, match=r"catalogued \(family dots1.*MLA is the only blocker"):
             spec_from_hf(config)
     config.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitecture, match="multi-head latent attention"):
@@ -542,17 +548,18 @@ def test_any_latent_attention_config_is_refused_as_mla():
         spec_from_hf(AutoConfig.for_model("minicpm3"))
 
 
-# ---------------------------------------------------------------------------------------------- GPT-NeoX (derived, refused)
+# ---------------------------------------------------------------------------------------------- GPT-NeoX (gauged)
 
 
 def _neox(parallel: bool, seed: int = 0):
-    from transformers import GPTNeoXConfig
+    """The plain transformers model (not gauged): the by-hand derivation below acts on the fused layout itself."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
     config = GPTNeoXConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, use_parallel_residual=parallel,
         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}, bos_token_id=0, eos_token_id=2,
     )
-    return from_config(config, seed)
+    return from_config(config, seed, build=AutoModelForCausalLM.from_config)
 
 
 def _gl(n, gen):
@@ -639,7 +646,109 @@ def test_gpt_neox_derived_group_holds_on_logits(parallel):
     assert_not_invariant(f, params, _neox_act(params, 0, qk="wrong-pairs"))
 
 
-def test_gpt_neox_is_refused_with_the_derived_group():
-    model = _neox(True)
-    with pytest.raises(UnsupportedArchitecture, match="'gpt_neox' is refused: the group is derived but not catalogued.*interleaves"):
-        spec_from_hf(model.config)
+def test_gpt_neox_catalogued_group_is_the_derivation():
+    """The catalogued factors per layer are the by-hand derivation above: heads, rotation-scalings on the rotary pairs,
+    GL on the pass-through dims, GL on V/dense, GELU units (permutation only); full rotary has no pass-through GL."""
+    spec = spec_from_hf(family_configs()["gpt-neox"])
+    kinds = _kinds(spec, "gpt_neox.layers.0.attention")
+    assert kinds == {"heads": "head-permutation", "qk_rot": "rotation-scaling", "qk_pass": "general-linear", "vo": "general-linear"}
+    assert spec.factors["gpt_neox.layers.0.attention.qk_rot"].dim == 4 and spec.factors["gpt_neox.layers.0.attention.qk_pass"].dim == 4
+    assert spec.factors["gpt_neox.layers.0.mlp.dense_h_to_4h.units"].kind == "permutation"
+    full = family_configs()["gpt-neox"].to_dict()
+    full["rope_parameters"] = {**full["rope_parameters"], "partial_rotary_factor": 1.0}
+    from transformers import GPTNeoXConfig
+
+    spec_full = spec_from_hf(GPTNeoXConfig(**{k: v for k, v in full.items() if k != "model_type"}))
+    assert set(_kinds(spec_full, "gpt_neox.layers.0.attention")) == {"heads", "qk_rot", "vo"}
+
+
+def test_gpt_neox_gauge_keeps_the_function_and_saves_the_fused_layout(tmp_path):
+    """The gauge re-holds query_key_value without changing the logits; a saved folder has transformers' fused keys and
+    loads in plain transformers (no symm) with the same logits."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from symm.adapters.hf.gauge import checkpoint_state_dict, gauge_model, merge_rows, split_rows
+
+    plain = _neox(True)
+    plain_keys = list(plain.state_dict())
+    with torch.no_grad():
+        ref = plain(TOKENS).logits
+    fused = plain.gpt_neox.layers[0].attention.query_key_value.weight.detach().clone()
+    assert torch.equal(merge_rows(split_rows(fused, 4, 8, 4), 4, 8, 4), fused)
+    gauged = gauge_model(plain)
+    assert gauge_model(gauged) is gauged and hf.is_gauged(gauged)
+    with torch.no_grad():
+        assert torch.equal(gauged(TOKENS).logits, ref)
+    assert "gpt_neox.layers.0.attention.query_key_value.q_rot.weight" in gauged.state_dict()
+    assert set(checkpoint_state_dict(gauged)) == set(plain_keys)
+    gauged.save_pretrained(tmp_path / "a")  # a gauged model's own save_pretrained writes the fused layout
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "gpt_neox.layers.0.attention.query_key_value.weight" in keys and not any(".q_rot." in k for k in keys)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()(TOKENS).logits, ref)
+    twin = copy.deepcopy(gauged)  # a copy saves its own weights, not the original's
+    with torch.no_grad():
+        twin.gpt_neox.layers[0].attention.query_key_value.v.weight.mul_(2.0)
+    twin.save_pretrained(tmp_path / "b")
+    with safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as f:
+        assert not torch.equal(f.get_tensor("gpt_neox.layers.0.attention.query_key_value.weight"), fused)
+
+
+def test_gpt_neox_ungauged_model_gets_a_clear_error():
+    with pytest.raises(SpecError, match="gauge_model"):
+        spec_from_hf(_neox(True))
+
+
+def test_gpt_neox_odd_rotary_dims_are_refused():
+    from transformers import GPTNeoXConfig
+
+    config = family_configs()["gpt-neox"].to_dict()
+    config["rope_parameters"] = {**config["rope_parameters"], "partial_rotary_factor": 0.375}  # 3 of 8 dims
+    with pytest.raises(UnsupportedArchitecture, match="rope_parameters.*odd"):
+        spec_from_hf(GPTNeoXConfig(**{k: v for k, v in config.items() if k != "model_type"}))
+
+
+# ---------------------------------------------------------------------------------------------- DeepSeek-V3-style router (Dots1)
+
+
+def _move_experts(params, layer, order, bias=True, shift=0.0):
+    """Reorder the experts of ``layer`` (router rows, experts' weights, and the score bias if ``bias``); add ``shift``
+    to every router row."""
+    out = dict(params)
+    b = f"model.layers.{layer}.mlp"
+    for key in (f"{b}.gate.weight", f"{b}.experts.gate_up_proj", f"{b}.experts.down_proj") + ((f"{b}.gate.e_score_correction_bias",) if bias else ()):
+        out[key] = params[key][order]
+    out[f"{b}.gate.weight"] = out[f"{b}.gate.weight"] + shift
+    return out
+
+
+def test_dots1_router_group():
+    """8 experts in 2 groups of 4, top-2 inside the best group. Within-group expert permutations with their score bias keep the logits; moving an expert to another group,
+    leaving the score bias behind, or a common router translation (sigmoid gates) change them."""
+    model = build_family("dots1")
+    params = params_of(model)
+    f = logits_fn(model, TOKENS)
+    spec = spec_from_hf(model)
+    assert spec.factors["model.layers.1.mlp.experts"].kind == "grouped-permutation"
+    assert spec.factors["model.layers.1.mlp.experts"].groups == 2
+    assert not any(n.startswith("model.layers.1.mlp.gate.") for n in spec.factors)  # no router translation
+    assert "model.layers.0.mlp.experts" not in spec.factors  # first_k_dense_replace = 1: layer 0 is dense
+    within, groups_swap, across = [1, 3, 0, 2, 6, 4, 7, 5], [4, 5, 6, 7, 0, 1, 2, 3], [0, 1, 5, 3, 4, 2, 6, 7]
+    assert _rel(f, _move_experts(params, 1, within), params) < 1e-5
+    assert _rel(f, _move_experts(params, 1, groups_swap), params) < 1e-5
+    assert_not_invariant(f, params, _move_experts(params, 1, across))  # expert 2 <-> 5 across the 2 groups of 4
+    assert_not_invariant(f, params, _move_experts(params, 1, within, bias=False))
+    assert_not_invariant(f, params, _move_experts(params, 1, list(range(8)), shift=0.5 * torch.randn(32, generator=torch.Generator().manual_seed(3))))
+    ungrouped = spec_from_hf(family_configs()["dots1-ungrouped"])
+    assert ungrouped.factors["model.layers.0.mlp.experts"].kind == "permutation"  # n_group = 1: any expert order
+
+
+def test_dots1_expert_groups_must_divide_the_experts():
+    from transformers import Dots1Config
+
+    config = family_configs()["dots1"].to_dict()
+    config["n_group"] = 3
+    with pytest.raises(UnsupportedArchitecture, match="n_group=3.*do not split"):
+        spec_from_hf(Dots1Config(**{k: v for k, v in config.items() if k != "model_type"}))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..factors import Permutation, PositiveScaling, Translation
+from ..factors import GroupedPermutation, Permutation, PositiveScaling, Translation
 from ..spec import Fragment, On, Segment, Shift, param
 from .mlp import swiglu
 from .units import Units, activation_group
@@ -32,8 +32,13 @@ def has_translation(gating: str) -> bool:
     return gating in SOFTMAX_GATINGS
 
 
-def router(prefix: str, n_experts: int, d_model: int, gating: str, stream: Units, experts: str, bias: bool = False) -> Fragment:
-    """Router ``{prefix}.weight`` (E, d) [+ bias (E,)]: rows move with the experts; softmax adds translations."""
+def router(
+    prefix: str, n_experts: int, d_model: int, gating: str, stream: Units, experts: str, bias: bool = False, score_bias: str | None = None
+) -> Fragment:
+    """Router ``{prefix}.weight`` (E, d) [+ bias (E,)]: rows move with the experts; softmax adds translations.
+
+    ``score_bias``: a per-expert bias added to the gate scores for the top-k choice only (DeepSeek-V3's
+    ``e_score_correction_bias`` after a sigmoid): it moves with the experts."""
     factors: list = []
     w_shifts, b_shifts = [], []
     if has_translation(gating):
@@ -45,6 +50,8 @@ def router(prefix: str, n_experts: int, d_model: int, gating: str, stream: Units
     params = {f"{prefix}.weight": param((n_experts, d_model), On(experts, "out"), stream.inn(), shifts=w_shifts)}
     if bias:
         params[f"{prefix}.bias"] = param((n_experts,), On(experts, "out"), shifts=b_shifts)
+    if score_bias:
+        params[f"{prefix}.{score_bias}"] = param((n_experts,), On(experts, "out"))
     if has_translation(gating):
         note = f"{prefix}: {gating} softmax gating adds a common translation of the router rows"
     else:
@@ -52,9 +59,15 @@ def router(prefix: str, n_experts: int, d_model: int, gating: str, stream: Units
     return Fragment.of(factors, params, notes=[note])
 
 
-def expert_factors(prefix: str, n_experts: int, d_expert: int, activation: str) -> tuple[Permutation, Permutation, PositiveScaling | None]:
-    """Expert permutation, per-expert hidden-unit permutation (batched), per-expert scaling if homogeneous."""
-    experts = Permutation(f"{prefix}.experts", n_experts)
+def expert_factors(
+    prefix: str, n_experts: int, d_expert: int, activation: str, groups: int = 1
+) -> tuple[Permutation, Permutation, PositiveScaling | None]:
+    """Expert permutation, per-expert hidden-unit permutation (batched), per-expert scaling if homogeneous.
+
+    ``groups`` > 1: group-limited routing (top-k only inside the best expert groups, DeepSeek-V3's ``n_group`` /
+    ``topk_group``): experts permute within their group and whole groups permute (a group's score is symmetric in its
+    experts); moving one expert to another group changes which experts can be chosen."""
+    experts = Permutation(f"{prefix}.experts", n_experts) if groups == 1 else GroupedPermutation(f"{prefix}.experts", n_experts, groups=groups)
     units = Permutation(f"{prefix}.expert_units", d_expert, parent=experts.name, batch=(n_experts,))
     scale = None
     if activation_group(activation) == "scaling":

@@ -191,7 +191,8 @@ class HeadPermutation(Permutation):
         return self.head_dim
 
     def _describe_extra(self) -> str:
-        return f" heads in {self.groups} KV groups, head_dim {self.head_dim}"
+        size = f"head_dim {self.head_dim}" if self.head_dim > 1 else "head sizes per tensor block"
+        return f" heads in {self.groups} KV groups, {size}"
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         return sample_grouped(self.groups, self.heads_per_group, generator)

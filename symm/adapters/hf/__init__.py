@@ -1,8 +1,8 @@
 """Hugging Face adapters: ``spec_from_hf(model | config | folder)``, one declarative :class:`Family` per ``model_type``.
 
-Supported: GPT-2, XGLM, Llama, Mistral, Qwen2, Qwen3, OLMo2, Phi-3, Gemma, Gemma2, Gemma3, Mixtral, Qwen2-MoE, OLMoE,
-Qwen3-MoE. Refused with the reason (:data:`REFUSED`): multi-head latent attention (DeepSeek-V2/V3 and every config
-with ``kv_lora_rank``), GPT-NeoX (group derived, layout not expressible yet). A family is data: its layer
+Supported: GPT-2, GPT-NeoX (Pythia), XGLM, Llama, Mistral, Qwen2, Qwen3, OLMo2, Phi-3, Gemma, Gemma2, Gemma3, Mixtral, Qwen2-MoE, OLMoE,
+Qwen3-MoE, Dots1 (DeepSeek-V3-style sigmoid router). Refused with the reason (:data:`REFUSED`): multi-head latent attention (DeepSeek-V2/V3 and every config
+with ``kv_lora_rank``). A family is data: its layer
 name pattern, the config keys it reads as sizes, its norm / PE / attention / MLP layout, and a verdict on **every**
 config option the transformers modeling code reads (``options``: handled, with a check that refuses the values whose
 group is not derived; ``inert``: cannot change the group, e.g. dropout, token ids, epsilons). A config option the
@@ -22,10 +22,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ...errors import UnsupportedArchitecture
+from ...errors import SpecError, UnsupportedArchitecture
 from ...spec import Spec
 from . import encoders as _encoders
 from .family import Family
+from .gauge import checkpoint_state_dict, gauge_model, is_gauged
 from .meta import check_against_meta, meta_shapes
 from .records import FAMILIES, RECORDS, REFUSED, family_spec, refusal
 
@@ -60,7 +61,15 @@ def spec_from_hf(model_or_config, *, check_meta: bool = True) -> Spec:
         )
     spec = family_spec(fam, config)
     if hasattr(model_or_config, "state_dict"):
-        spec.check_params(model_or_config.state_dict(), what=f"{type(model_or_config).__name__} weights")
+        try:
+            spec.check_params(model_or_config.state_dict(), what=f"{type(model_or_config).__name__} weights")
+        except SpecError as exc:
+            if fam.model_type == "gpt_neox" and not is_gauged(model_or_config):
+                raise SpecError(
+                    f"{exc}. GPT-NeoX is read gauged: call symm.adapters.hf.gauge_model(model) first (same function; "
+                    "query_key_value held as contiguous q/k/v blocks)"
+                ) from None
+            raise
     elif check_meta:
         check_against_meta(spec, config)
     return spec
@@ -68,7 +77,7 @@ def spec_from_hf(model_or_config, *, check_meta: bool = True) -> Spec:
 
 def load_hf(folder: str | os.PathLike, dtype=None):
     """Load a causal LM (or a supported encoder's head model) from a ``save_pretrained`` folder (offline, CPU), in
-    eval mode."""
+    eval mode, gauged (:func:`gauge_model`: GPT-NeoX's fused per-head QKV held as contiguous blocks)."""
     config = load_config(folder)
     if config.model_type not in FAMILIES:
         spec_from_hf(config)  # raises the clear error
@@ -76,7 +85,7 @@ def load_hf(folder: str | os.PathLike, dtype=None):
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = _encoders.auto_class(config).from_pretrained(str(folder), **kwargs)  # causal LM, or an encoder's head class
-    return model.eval()
+    return gauge_model(model).eval()
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:
@@ -92,6 +101,9 @@ __all__ = [
     "REFUSED",
     "Family",
     "check_against_meta",
+    "checkpoint_state_dict",
+    "gauge_model",
+    "is_gauged",
     "family_spec",
     "is_hf_folder",
     "load_config",

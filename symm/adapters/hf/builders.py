@@ -7,9 +7,10 @@ import dataclasses
 from ... import catalogue
 from ...catalogue.attention import AttentionFactors, AttentionShape, _notes as _attention_notes
 from ...catalogue.units import Units
-from ...factors import GeneralLinear, HeadPermutation
-from ...spec import Fragment, Segment, param
+from ...factors import GeneralLinear, HeadPermutation, RotationScaling
+from ...spec import Fragment, On, Segment, param
 from .family import Family, _rmsnorm, _stream_fragment, _tied
+from .gauge import piece_dims
 from .options import _activation
 
 
@@ -55,6 +56,64 @@ def _xglm(config, fam: Family) -> Fragment:
         frag = frag + catalogue.layernorm(f"{b}.self_attn_layer_norm", stream) + catalogue.layernorm(f"{b}.final_layer_norm", stream)
         frag = frag + catalogue.mlp([f"{b}.fc1", f"{b}.fc2"], [d, config.ffn_dim, d], act, input_units=stream, output_units=stream)
     return frag + catalogue.layernorm("model.layer_norm", stream)
+
+
+def neox_rotary_dims(config) -> int:
+    """GPT-NeoX's rotary dims per head: ``int(head_dim * partial_rotary_factor)`` (the modeling code's rounding)."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    return int(head_dim * factor)
+
+
+def _neox_attention(prefix: str, config, stream: Units) -> Fragment:
+    """GPT-NeoX attention, gauged (:mod:`.gauge`): ``query_key_value`` held as contiguous q_rot / q_pass / k_rot /
+    k_pass / v blocks. Heads permute (one unit per head, ``block`` = the block's dims per head); per head, one
+    rotation-scaling per rotary pair (``rotate_half`` layout within the rotary dims) and GL on the pass-through dims
+    on Q/K, GL(d_h) on V / dense."""
+    d, n_heads = config.hidden_size, config.num_attention_heads
+    dh, rot = d // n_heads, neox_rotary_dims(config)
+    heads = HeadPermutation(f"{prefix}.heads", n_heads, groups=n_heads, head_dim=1)  # sizes per block: On(block=...)
+    qk_rot = RotationScaling(f"{prefix}.qk_rot", n_heads, parent=heads.name, dim=rot, layout="half") if rot else None
+    qk_pass = GeneralLinear(f"{prefix}.qk_pass", n_heads, parent=heads.name, dim=dh - rot) if dh > rot else None
+    vo = GeneralLinear(f"{prefix}.vo", n_heads, parent=heads.name, dim=dh)
+    child = {"q_rot": (qk_rot, "out"), "k_rot": (qk_rot, "in"), "q_pass": (qk_pass, "out"), "k_pass": (qk_pass, "in"), "v": (vo, "out")}
+    bias = bool(getattr(config, "attention_bias", True))
+    params = {}
+    for piece, dim in piece_dims(dh, rot).items():
+        factor, side = child[piece]
+        acts = [On(heads.name, "out", block=dim), On(factor.name, side)]
+        params[f"{prefix}.query_key_value.{piece}.weight"] = param((n_heads * dim, d), acts, stream.inn())
+        if bias:
+            params[f"{prefix}.query_key_value.{piece}.bias"] = param((n_heads * dim,), acts)
+    params[f"{prefix}.dense.weight"] = param((d, d), stream.out(), [On(heads.name, "in", block=dh), On(vo.name, "in")])
+    if bias:
+        params[f"{prefix}.dense.bias"] = param((d,), stream.out())
+    factors = [f for f in (heads, qk_rot, qk_pass, vo) if f is not None]
+    note = (
+        f"{prefix}: partial rotary ({rot} of {dh} head dims): Q/K keep one rotation-scaling per rotary pair and GL on "
+        f"the {dh - rot} pass-through dims per head; V/dense GL(d_h); query_key_value is held as contiguous q/k/v blocks "
+        "(the adapter's gauge; saved folders use the fused layout)"
+    )
+    return Fragment.of(factors, params, notes=[note])
+
+
+def _gpt_neox(config, fam: Family) -> Fragment:
+    """GPT-NeoX / Pythia: LayerNorm (with bias) stream, partial rotary, parallel or sequential residual (the same group:
+    both branches read normed copies of one stream and add to it), GELU MLP with biases, untied ``lm_head`` by default."""
+    d = config.hidden_size
+    stream = catalogue.stream("stream", d)  # LayerNorm: permutations, no signs
+    embed, head = fam.tied
+    frag = _stream_fragment(stream, embed, config.vocab_size, d, head)
+    frag = frag + catalogue.layernorm("gpt_neox.final_layer_norm", stream)
+    act = _activation(config.hidden_act)
+    for i in range(config.num_hidden_layers):
+        b = fam.layer.format(i=i)
+        frag = frag + catalogue.layernorm(f"{b}.input_layernorm", stream) + catalogue.layernorm(f"{b}.post_attention_layernorm", stream)
+        frag = frag + _neox_attention(f"{b}.attention", config, stream)
+        frag = frag + catalogue.mlp(
+            [f"{b}.mlp.dense_h_to_4h", f"{b}.mlp.dense_4h_to_h"], [d, config.intermediate_size, d], act, input_units=stream, output_units=stream
+        )
+    return frag
 
 
 # --------------------------------------------------------------------------------------------------- RoPE decoders
@@ -179,6 +238,31 @@ def _routed_experts(config, fam: Family, b: str, stream: Units) -> Fragment:
     )
 
 
+def _sigmoid_routed_experts(config, fam: Family, b: str, stream: Units) -> Fragment:
+    """DeepSeek-V3-style routing (Dots1): sigmoid scores, ``e_score_correction_bias`` added for the top-k choice,
+    group-limited top-k (``n_group`` / ``topk_group``), optional renormalisation and a constant ``routed_scaling_factor``.
+
+    The bias moves with the experts; no translation (sigmoid is not shift-invariant); with ``topk_group < n_group``
+    experts permute only within groups (and groups permute), since a group is chosen by the sum of its top-2 scores.
+    """
+    d, n_experts = fam.size(config, "d"), fam.size(config, "experts")
+    groups = config.n_group if config.n_group > 1 and config.topk_group < config.n_group else 1
+    experts, units, scale = catalogue.expert_factors(f"{b}.mlp", n_experts, fam.size(config, "expert_ffn"), "swiglu", groups=groups)
+    frag = catalogue.router(f"{b}.mlp.gate", n_experts, d, "sigmoid", stream, experts.name, score_bias="e_score_correction_bias")
+    frag = frag + catalogue.stacked_swiglu_experts(
+        f"{b}.mlp.experts", n_experts, d, fam.size(config, "expert_ffn"), stream, experts, units, scale, fused_gate_up="gate_up_proj",
+        names=("", "", "down_proj"),
+    )
+    shared = fam.size(config, "expert_ffn") * config.n_shared_experts
+    note = (
+        f"{b}.mlp: sigmoid router; e_score_correction_bias moves with the experts; "
+        + (f"group-limited top-k ({config.topk_group} of {config.n_group} groups): experts permute within groups, groups permute; " if groups > 1 else "")
+        + "shared experts are not routed: they stay put and keep their own SwiGLU group"
+    )
+    frag = frag + Fragment.of(notes=[note])
+    return frag + catalogue.shared_expert(f"{b}.mlp.shared_experts", d, shared, stream, gate=None)
+
+
 def _sparse_layer(config, i: int) -> bool:
     """Qwen2-MoE / Qwen3-MoE: layer ``i`` is routed unless listed in ``mlp_only_layers`` or off the sparse step."""
     return i not in (config.mlp_only_layers or []) and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0
@@ -187,6 +271,8 @@ def _sparse_layer(config, i: int) -> bool:
 def _mlp(config, fam: Family, i: int, b: str, stream: Units) -> Fragment:
     if fam.mlp == "moe":
         return _routed_experts(config, fam, b, stream)
+    if fam.mlp == "sigmoid-moe":  # DeepSeek-V3-style MoE (Dots1): the first first_k_dense_replace layers are dense
+        return _dense_mlp(config, fam, b, stream) if i < config.first_k_dense_replace else _sigmoid_routed_experts(config, fam, b, stream)
     if fam.mlp in ("qwen2-moe", "qwen3-moe"):
         if not _sparse_layer(config, i):
             return _dense_mlp(config, fam, b, stream)

@@ -89,9 +89,12 @@ def auto_class(config):
 
 
 def build_model(config):
-    """A model of ``config`` (random init): ``AutoModelForCausalLM.from_config`` or the encoder's head class."""
+    """A model of ``config`` (random init): ``AutoModelForCausalLM.from_config`` or the encoder's head class, gauged
+    (:func:`~.gauge.gauge_model`)."""
+    from .gauge import gauge_model
+
     cls = auto_class(config)
-    return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    return gauge_model(cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config))
 
 
 # --------------------------------------------------------------------------------------------------- BERT / RoBERTa

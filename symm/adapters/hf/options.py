@@ -72,6 +72,40 @@ def rope_check(config, value) -> str | None:
     return None
 
 
+def partial_rope_check(config, value) -> str | None:
+    """GPT-NeoX: any frequency-only RoPE variant on the first ``int(d_h * partial_rotary_factor)`` dims of a head (an
+    even number: whole ``rotate_half`` pairs); the pass-through dims keep GL."""
+    params = dict(value or {})
+    factor = params.pop("partial_rotary_factor", 1.0)
+    why = rope_check(config, params)
+    if why:
+        return why
+    head_dim = config.hidden_size // config.num_attention_heads
+    if not isinstance(factor, (int, float)) or not 0 <= factor <= 1:
+        return f"partial_rotary_factor={factor!r} is not a fraction of the head dims"
+    rotary = int(head_dim * factor)
+    if rotary % 2:
+        return f"partial_rotary_factor={factor} gives {rotary} rotary dims of {head_dim}, an odd number (no whole rotate_half pairs)"
+    return None
+
+
+def neox_head_dim(config, value) -> str | None:
+    """GPT-NeoX's attention splits heads of hidden_size / heads dims, while its rotary table reads ``head_dim``: both
+    must agree."""
+    d, h = config.hidden_size, config.num_attention_heads
+    if value is None or value == d // h:
+        return None
+    return f"the attention's heads have hidden_size / num_attention_heads = {d // h} dims, the rotary table {value}"
+
+
+def expert_groups(config, value) -> str | None:
+    """Group-limited routing (``n_group``): the experts must split into equal groups."""
+    experts = getattr(config, "n_routed_experts", None) or getattr(config, "num_local_experts", None)
+    if not isinstance(value, int) or value < 1 or (experts and experts % value):
+        return f"{experts} routed experts do not split into {value!r} equal groups"
+    return None
+
+
 def gated_activation(config, value) -> str | None:
     """A gated MLP act(B x) * (A x): permutations and positive scalings of A's rows hold for every activation."""
     from transformers.activations import ACT2FN

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 from ... import catalogue
 from ...spec import Fragment, Spec
-from .options import Check, gated_activation, handled, mask_only, must_be_false, no_clip_qkv, olmoe_head_dim, plain_activation, rope_check, softcap, softmax_router
+from .options import Check, expert_groups, gated_activation, handled, neox_head_dim, partial_rope_check, mask_only, must_be_false, no_clip_qkv, olmoe_head_dim, plain_activation, rope_check, softcap, softmax_router
 from .family import Family
-from .builders import _gpt2, _xglm, decoder
+from .builders import _gpt2, _gpt_neox, _xglm, decoder
 
 
 _ROPE_SIZES = {
@@ -44,6 +44,22 @@ FAMILY_RECORDS: tuple[Family, ...] = (
             {"scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "summary_type", "summary_use_proj",
              "summary_activation", "summary_proj_to_labels", "summary_first_dropout", "summary_last_dropout"}
         ),
+    ),
+    Family(
+        "gpt_neox", _gpt_neox, norm="layernorm", layer="gpt_neox.layers.{i}", tied=("gpt_neox.embed_in.weight", "lm_head.weight"),
+        group="permutations of the LayerNorm stream; heads permute; per head, one RoPE rotation-scaling per rotary pair "
+        "and GL on the pass-through dims (partial rotary) on Q/K, GL(d_h) on V/dense; GELU units permute; the parallel "
+        "residual leaves the group unchanged (both branches read normed copies of one stream and add to it)",
+        sizes={"d": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads", "ffn": "intermediate_size", "vocab": "vocab_size"},
+        options={
+            "rope_parameters": partial_rope_check,
+            "hidden_act": plain_activation,
+            "use_parallel_residual": handled,
+            "attention_bias": handled,
+            "head_dim": neox_head_dim,
+            "tie_word_embeddings": handled,
+        },
+        inert=frozenset({"max_position_embeddings"}),
     ),
     Family(
         "xglm", _xglm, pe="sinusoidal", norm="layernorm",
@@ -138,6 +154,21 @@ FAMILY_RECORDS: tuple[Family, ...] = (
         inert=_ROPE_INERT | {"router_jitter_noise"},
     ),
     Family(
+        "dots1", decoder, qk_norm="head", mlp="sigmoid-moe", qkv_bias="attention_bias", o_bias="attention_bias",
+        sizes={**_ROPE_SIZES, "experts": "n_routed_experts", "expert_ffn": "moe_intermediate_size"},
+        group="as Qwen3 on the stream and attention (per-head QK-norm: heads permute, per-head norm scales, q/k gain "
+        "balance per RoPE pair; V/O GL(d_h)); DeepSeek-V3-style routed layers: experts permute with their router rows "
+        "and their e_score_correction_bias entries (within groups, and whole groups, when top-k is group-limited), each "
+        "expert's SwiGLU units permute and scale; sigmoid gates allow no router translation; shared experts stay put "
+        "with their own SwiGLU group; the first first_k_dense_replace layers are dense",
+        options={
+            **_ROPE_OPTIONS, **_SLIDING, "attention_bias": handled, "n_group": expert_groups, "topk_group": handled,
+            "num_experts_per_tok": handled, "norm_topk_prob": handled, "routed_scaling_factor": handled,
+            "first_k_dense_replace": handled, "n_shared_experts": handled,
+        },
+        inert=_ROPE_INERT,
+    ),
+    Family(
         "olmoe", decoder, qk_norm="full", mlp="moe", qkv_bias="attention_bias", o_bias="attention_bias",
         sizes={**_ROPE_SIZES, "experts": "num_experts", "expert_ffn": "intermediate_size"},
         group="as OLMo2 on Q/K (QK-norm over all heads with per-row gains: heads permute, nothing continuous on Q/K), "
@@ -177,9 +208,9 @@ _MLA_REASON = (
     "no layout for"
 )
 _SIGMOID_ROUTER_REASON = (
-    "; its sigmoid router (top-k over scores + e_score_correction_bias, group-limited by n_group / topk_group, "
-    "renormalised and scaled by routed_scaling_factor) would also need expert permutations that respect the expert "
-    "groups and move e_score_correction_bias with the router rows (no translation: sigmoid gates are not shift-invariant)"
+    "; its sigmoid router (top-k over scores + e_score_correction_bias, group-limited by n_group / topk_group) is "
+    "catalogued (family dots1: the bias moves with the experts, experts permute within groups, no translation), so MLA "
+    "is the only blocker"
 )
 #: model_type -> why it is refused (clearer than "no adapter"); any other config with ``kv_lora_rank`` is MLA too
 REFUSED: dict[str, str] = {
@@ -187,11 +218,6 @@ REFUSED: dict[str, str] = {
     "topk_group), which restricts the expert permutations to ones that respect the expert groups",
     "deepseek_v3": _MLA_REASON + _SIGMOID_ROUTER_REASON,
     "deepseek_v32": _MLA_REASON + " (plus a sparse-attention indexer)" + _SIGMOID_ROUTER_REASON,
-    "gpt_neox": "the group is derived but not catalogued: LayerNorm stream permutations, heads permute, per head one "
-    "rotation-scaling per rotary pair and GL on the pass-through dims on Q/K (partial rotary, rotary_pct / "
-    "partial_rotary_factor), GL(d_h) on V/O, GELU units permute; the parallel residual does not change it (verified on "
-    "logits in tests/test_hf_families.py). query_key_value interleaves [q_h | k_h | v_h] per head, so a head's Q, K and "
-    "V rows are not contiguous segments of one factor, and the spec has no interleaved (strided) per-head layout yet",
 }
 
 
