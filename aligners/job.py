@@ -26,7 +26,7 @@ from symm.action import act
 from symm.adapters import infer_spec, is_hf_folder, spec_from_hf
 from symm.adapters.hf.encoders import is_encoder
 from symm.adapters.infer import DenseChain
-from symm.checkpoint import Checkpoint, hf_architecture_difference, load_checkpoint
+from symm.checkpoint import Checkpoint, hf_architecture_difference, hf_config, load_checkpoint
 from symm.data import Split, TokenSplit, digits, mnist1d
 from symm.errors import CheckpointError, DataError, OutputError, SpecError, UnsupportedArchitecture, UsageError
 from symm.evaluate import functional
@@ -136,10 +136,24 @@ def data_path(data: str | None) -> Path | None:
     return None if data is None or data in DATASETS else Path(data)
 
 
-def check_data(data: str | None, hf: bool, max_tokens: int | None = None, max_samples: int | None = None) -> None:
-    """The data and budgets fit the kind of model (language model or classifier); cheap, before any work."""
+#: what a model is evaluated on: ``text`` (causal LMs, masked-LM encoders), ``images`` (ViT), ``tensors`` (dense classifiers)
+DataKind = str
+
+
+def data_kind_of(path_a: Path, path_b: Path) -> DataKind:
+    """The evaluation data a pair takes, from its configs only (cheap, before loading weights)."""
+    from symm.adapters.hf.encoders import IMAGE_CLASSIFIERS
+
+    for p in (path_a, path_b):
+        if is_hf_folder(p):
+            return "images" if getattr(hf_config(p), "model_type", None) in IMAGE_CLASSIFIERS else "text"
+    return "tensors"
+
+
+def check_data(data: str | None, kind: DataKind, max_tokens: int | None = None, max_samples: int | None = None) -> None:
+    """The data and budgets fit the kind of model (``text``, ``images`` or ``tensors``); cheap, before any work."""
     path = data_path(data)
-    if hf:
+    if kind == "text":
         if max_samples is not None:
             raise UsageError("--max-samples applies to classifier data; a language model's text is budgeted by --max-tokens")
         if path is not None and data_kind(path) == "tensors":
@@ -147,12 +161,15 @@ def check_data(data: str | None, hf: bool, max_tokens: int | None = None, max_sa
                             "a language model is evaluated on a UTF-8 text file")
         if path is None and data not in (None, "text"):
             raise CheckpointError(f"language models are evaluated on --data text or a text file, not {data!r}")
-    else:
-        if max_tokens is not None:
-            raise UsageError("--max-tokens applies to a language model's text; classifier data is budgeted by --max-samples")
-        if path is not None and data_kind(path) == "text":
-            raise DataError(f"--data {path}: a text file is language-model data; a dense classifier is evaluated on tensors "
-                            "(a .npz/.safetensors file, or a folder with train.* and test.*)")
+        return
+    if max_tokens is not None:
+        raise UsageError("--max-tokens applies to a language model's text; classifier data is budgeted by --max-samples")
+    if path is not None and data_kind(path) == "text":
+        what = "an image classifier is evaluated on image tensors [n, C, H, W]" if kind == "images" else "a dense classifier is evaluated on tensors"
+        raise DataError(f"--data {path}: a text file is language-model data; {what} (a .npz/.safetensors file, or a folder "
+                        "with train.* and test.*)")
+    if kind == "images" and path is None and data not in (None, "digits"):
+        raise CheckpointError(f"an image classifier is evaluated on --data digits or your own image tensors, not {data!r}")
 
 
 def _tokenizer_folder(a: Checkpoint, b: Checkpoint) -> Path:
@@ -166,7 +183,9 @@ def context_length(config) -> int:
     return min(SEQ_LEN, int(limit)) if limit else SEQ_LEN
 
 
-def _resolve_hf(a: Checkpoint, b: Checkpoint, data: str | None, dtype: torch.dtype, max_tokens: int | None = None) -> tuple[Spec, Task, str]:
+def _resolve_hf(
+    a: Checkpoint, b: Checkpoint, data: str | None, dtype: torch.dtype, max_tokens: int | None = None, max_samples: int | None = None
+) -> tuple[Spec, Task, str]:
     if a.fmt != b.fmt:
         raise CheckpointError(f"cannot align a Hugging Face folder with a bare state dict ({a.path} is {a.fmt}, {b.path} is {b.fmt})")
     difference = hf_architecture_difference(a, b)
@@ -175,7 +194,7 @@ def _resolve_hf(a: Checkpoint, b: Checkpoint, data: str | None, dtype: torch.dty
     compare_state_dicts(a.params, b.params, (str(a.path), str(b.path)))
     spec = spec_from_hf(a.model)
     if is_encoder(a.model.config):
-        return _resolve_hf_encoder(a, b, spec, data, dtype, max_tokens)
+        return _resolve_hf_encoder(a, b, spec, data, dtype, max_tokens, max_samples)
     vocab, folder, path = a.model.config.vocab_size, _tokenizer_folder(a, b), data_path(data)
     seq_len = context_length(a.model.config)
     if path is None:
@@ -188,10 +207,10 @@ def _resolve_hf(a: Checkpoint, b: Checkpoint, data: str | None, dtype: torch.dty
 
 
 def _resolve_hf_encoder(a: Checkpoint, b: Checkpoint, spec: Spec, data: str | None, dtype: torch.dtype,
-                        max_tokens: int | None = None) -> tuple[Spec, Task, str]:
+                        max_tokens: int | None = None, max_samples: int | None = None) -> tuple[Spec, Task, str]:
     """Encoders (:mod:`symm.adapters.hf.encoders`): BERT / RoBERTa on masked-LM loss and accuracy (15% of the positions
-    of each text window replaced by the mask token, seeded), ViT on classification loss and accuracy on scikit-learn
-    digits (8x8 images, grey replicated over the channels)."""
+    of each text window replaced by the mask token, seeded), ViT on classification loss and accuracy on the user's
+    image tensors (``--data``, ``[n, C, H, W]``) or scikit-learn digits (8x8 images, grey replicated over the channels)."""
     from symm.adapters.hf import encoders as enc
 
     model, config = a.model, a.model.config
@@ -204,18 +223,19 @@ def _resolve_hf_encoder(a: Checkpoint, b: Checkpoint, spec: Spec, data: str | No
         return model(inputs).logits
 
     if config.model_type in enc.IMAGE_CLASSIFIERS:
-        if data is not None or max_tokens is not None:
-            raise UsageError(f"a {config.model_type} image classifier is evaluated on the digits images; --data and "
-                             "--max-tokens are not supported for it yet")
-        x_train, _, x_test, y_test = enc.digit_images(config, seed=DATA_SEED)
-        x_train, x_test = x_train.to(dtype), x_test.to(dtype)
+        path = data_path(data)
+        if path is None:
+            split = limit_samples(Split(*enc.digit_images(config, seed=DATA_SEED), 10, "digits (8x8 images)"), max_samples, DATA_SEED)
+        else:
+            split = _user_images(path, config, max_samples)
+        x_train, x_test, y_test = split.x_train.to(dtype), split.x_test.to(dtype), split.y_test
 
         def evaluate(params):
             logits = logits_at(params, x_test)
             loss = nn.functional.cross_entropy(logits.float(), y_test).item()
             return loss, (logits.argmax(-1) == y_test).float().mean().item()
 
-        task = Task(model, "digits (8x8 images)", x_train, evaluate, lambda params: [logits_at(params, x_test[:32])])
+        task = Task(model, split.name, x_train, evaluate, lambda params: [logits_at(params, x_test[:32])])
         return spec, task, kind
     folder, path = _tokenizer_folder(a, b), data_path(data)
     tokenizer = has_tokenizer(folder)
@@ -239,6 +259,17 @@ def _resolve_hf_encoder(a: Checkpoint, b: Checkpoint, spec: Spec, data: str | No
     return spec, Task(model, name, x_train, evaluate, lambda params: [logits_at(params, x[:4])]), kind
 
 
+def _user_images(path: Path, config, max_samples: int | None) -> Split:
+    """Image tensors ``[n, C, H, W]`` (or flattened) that fit a ViT's ``num_channels`` x ``image_size`` and labels."""
+    from symm.adapters.hf.encoders import image_shape
+
+    split = load_tensor_split(path, max_samples=max_samples, seed=DATA_SEED, sample_shape=image_shape(config))
+    if split.n_classes > config.num_labels:
+        raise DataError(f"--data {path} has labels up to {split.n_classes - 1} ({split.n_classes} classes); the model has "
+                        f"{config.num_labels} outputs")
+    return split
+
+
 def _user_split(path: Path, d_in: int, d_out: int, max_samples: int | None) -> Split:
     """A tensor file or folder that fits a ``d_in -> d_out`` classifier."""
     split = load_tensor_split(path, max_samples=max_samples, seed=DATA_SEED)
@@ -260,9 +291,9 @@ def resolve(
     """
     dtype = eval_dtype(b.params)
     hf = a.fmt == "hf" or b.fmt == "hf"
-    check_data(data, hf, max_tokens, max_samples)
+    check_data(data, data_kind_of(a.path, b.path), max_tokens, max_samples)
     if hf:
-        return _resolve_hf(a, b, data, dtype, max_tokens)
+        return _resolve_hf(a, b, data, dtype, max_tokens, max_samples)
     compare_state_dicts(a.params, b.params, (str(a.path), str(b.path)))
     inferred = infer_spec(a.params, activation=None if activation == "any" else activation)
     model = DenseChain(inferred).to(dtype).eval()
@@ -460,7 +491,7 @@ def align(
     path_a, path_b = Path(path_a), Path(path_b)
     for p in (path_a, path_b):
         _check_input_kind(p)
-    check_data(data, is_hf_folder(path_a) or is_hf_folder(path_b), max_tokens, max_samples)
+    check_data(data, data_kind_of(path_a, path_b), max_tokens, max_samples)
     inputs = [path_a, path_b] + ([data_path(data)] if data_path(data) is not None else [])
     plan = plan_outputs(path_b, is_hf_folder(path_b), out_dir, plot=barrier != "none")
     preflight(plan, inputs, None, need_bytes=int(1.1 * disk_size(path_b)) + 1_000_000)

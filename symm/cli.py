@@ -256,13 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--data", metavar="digits|mnist1d|text|FILE|DIR",
                     help="evaluation data: a dataset name, a UTF-8 text file (language models; tokenised by the folder's own "
                          "tokenizer, else bytes), or tensors for classifiers (a .npz/.safetensors file with 'inputs' and "
-                         "'labels', split 80/20, or a folder with train.* and test.*). Default: digits/mnist1d by input size; "
-                         "for language models the shipped Shakespeare text, through the folder's tokenizer if it has one")
+                         "'labels', split 80/20, or a folder with train.* and test.*; a ViT takes images [n, C, H, W] or flattened). "
+                         "Default: digits/mnist1d by input size (digits for a ViT); for language models the shipped "
+                         "Shakespeare text, through the folder's tokenizer if it has one")
     al.add_argument("--max-tokens", type=_positive, metavar="N",
                     help="language models: use the first N tokens of the text (default 200000; "
                          "without a tokenizer the shipped default text is used whole)")
     al.add_argument("--max-samples", type=_positive, metavar="N",
-                    help="classifiers: at most N samples per split (a seeded random subset; default: all)")
+                    help="classifiers (dense and ViT): at most N samples per split (a seeded random subset; default: all)")
     al.add_argument(
         "--activation",
         choices=ACTIVATIONS,

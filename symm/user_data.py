@@ -5,7 +5,8 @@
   vocabulary. The first ``max_tokens`` tokens are used; train and test windows come from disjoint halves.
 * Tensors for classifiers: a folder holding ``train.npz|train.safetensors`` and ``test.npz|test.safetensors``,
   or one ``.npz``/``.safetensors`` file split 80/20 by a seeded permutation. Each holds ``inputs`` (float,
-  ``[n, d]``) and ``labels`` (integer, ``[n]``), optionally a scalar ``n_classes``.
+  ``[n, d]``; for an image classifier ``[n, C, H, W]``, or ``[n, C*H*W]`` flattened) and ``labels`` (integer,
+  ``[n]``), optionally a scalar ``n_classes``.
 
 Every problem is a :class:`~symm.errors.DataError` naming the file (the command line exits with status 2).
 """
@@ -194,8 +195,11 @@ def _is_integer(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
-def read_tensors(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-    """``(inputs [n, d] float32, labels [n] int64, n_classes or None)`` of one ``.npz``/``.safetensors`` file, checked."""
+def read_tensors(path: str | os.PathLike, sample_shape: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """``(inputs [n, d] float32, labels [n] int64, n_classes or None)`` of one ``.npz``/``.safetensors`` file, checked.
+
+    ``sample_shape`` (images, e.g. ``(C, H, W)``): inputs are ``[n, *sample_shape]`` or flattened ``[n, prod]``, and
+    come back as ``[n, *sample_shape]``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--data {path}: no such file")
@@ -205,17 +209,19 @@ def read_tensors(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, i
         raise DataError(f"--data {path}: no tensor named {' or '.join(map(repr, missing))} (found: {', '.join(sorted(found)) or 'none'}); "
                         "expected 'inputs' [n, d] and 'labels' [n]")
     x, y = found["inputs"], found["labels"]
-    if not x.is_floating_point() or x.dim() != 2:
+    if sample_shape is not None:
+        x = _as_images(x, sample_shape, path)
+    elif not x.is_floating_point() or x.dim() != 2:
         raise DataError(f"--data {path}: 'inputs' must be a floating-point [n, d] tensor, got {str(x.dtype)[6:]} of shape {list(x.shape)}")
     if not _is_integer(y) or y.dim() != 1:
         raise DataError(f"--data {path}: 'labels' must be an integer [n] tensor, got {str(y.dtype)[6:]} of shape {list(y.shape)}")
     if len(x) != len(y):
         raise DataError(f"--data {path}: {len(x)} inputs but {len(y)} labels")
-    if len(x) == 0 or x.shape[1] == 0:
+    if len(x) == 0 or x[0].numel() == 0:
         raise DataError(f"--data {path}: no samples (inputs of shape {list(x.shape)})")
     x, y = x.float(), y.long()
     if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).any(1).sum())
+        bad = int((~torch.isfinite(x)).reshape(len(x), -1).any(1).sum())
         raise DataError(f"--data {path}: 'inputs' holds NaN or Inf ({bad} of {len(x)} samples)")
     if int(y.min()) < 0:
         raise DataError(f"--data {path}: negative label {int(y.min())}; labels are class indices 0, 1, ...")
@@ -226,6 +232,21 @@ def read_tensors(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, i
             raise DataError(f"--data {path}: 'n_classes' must be one positive integer")
         n_classes = int(k.reshape(()))
     return x, y, n_classes
+
+
+def _as_images(x: torch.Tensor, sample_shape: tuple[int, ...], path: Path) -> torch.Tensor:
+    """``[n, *sample_shape]`` from inputs of that shape or flattened ``[n, prod(sample_shape)]``."""
+    want = "[n, " + ", ".join(map(str, sample_shape)) + "]"
+    if not x.is_floating_point():
+        raise DataError(f"--data {path}: 'inputs' must be floating-point images {want}, got {str(x.dtype)[6:]}")
+    numel = 1
+    for s in sample_shape:
+        numel *= s
+    if x.dim() == 2 and x.shape[1] == numel:
+        return x.reshape(len(x), *sample_shape)
+    if tuple(x.shape[1:]) != tuple(sample_shape):
+        raise DataError(f"--data {path}: 'inputs' of shape {list(x.shape)}; the model takes images {want} (or flattened [n, {numel}])")
+    return x
 
 
 def _split_file(folder: Path, stem: str) -> Path:
@@ -255,17 +276,19 @@ def limit_samples(split: Split, max_samples: int | None, seed: int = 0) -> Split
     return Split(x_tr, y_tr, x_te, y_te, split.n_classes, split.name)
 
 
-def load_tensor_split(path: str | os.PathLike, *, max_samples: int | None = None, seed: int = 0, test_fraction: float = 0.2) -> Split:
+def load_tensor_split(
+    path: str | os.PathLike, *, max_samples: int | None = None, seed: int = 0, test_fraction: float = 0.2, sample_shape: tuple[int, ...] | None = None
+) -> Split:
     """Classifier data: a folder with ``train.*`` and ``test.*`` or one file split by a seeded permutation.
 
     ``n_classes`` is the stored scalar if any (the same in both files), else the largest label + 1; ``max_samples``
-    caps each split (a seeded random subset)."""
+    caps each split (a seeded random subset); ``sample_shape``: image inputs (see :func:`read_tensors`)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"--data {path}: no such file or folder")
     gen = torch.Generator().manual_seed(seed)
     if path.is_dir():
-        (x_tr, y_tr, k_tr), (x_te, y_te, k_te) = read_tensors(_split_file(path, "train")), read_tensors(_split_file(path, "test"))
+        (x_tr, y_tr, k_tr), (x_te, y_te, k_te) = (read_tensors(_split_file(path, stem), sample_shape) for stem in ("train", "test"))
         if x_tr.shape[1] != x_te.shape[1]:
             raise DataError(f"--data {path}: train inputs have {x_tr.shape[1]} features, test inputs {x_te.shape[1]}")
         if None not in (k_tr, k_te) and k_tr != k_te:
@@ -274,7 +297,7 @@ def load_tensor_split(path: str | os.PathLike, *, max_samples: int | None = None
     else:
         if path.suffix.lower() not in TENSOR_SUFFIXES:
             raise DataError(f"--data {path}: tensors must be a .npz or .safetensors file, or a folder with train.* and test.*")
-        x, y, stored = read_tensors(path)
+        x, y, stored = read_tensors(path, sample_shape)
         if len(x) < 2:
             raise DataError(f"--data {path}: {len(x)} sample; at least 2 are needed to split off a test set")
         n_test = min(len(x) - 1, max(1, round(test_fraction * len(x))))

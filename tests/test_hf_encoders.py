@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -359,3 +360,69 @@ def test_align_refuses_an_unsupported_head(tmp_path, capsys):
     assert main(["align", str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "BertForSequenceClassification" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- ViT on the user's images
+
+
+def _save_images(path, x, y, **extra):
+    import numpy as np
+
+    np.savez(path, inputs=x.numpy(), labels=y.numpy(), **extra)
+
+
+def _vit_pair(tmp_path, seeds=(0, 1)):
+    a, b = tmp_path / "A", tmp_path / "B"
+    build("vit", seed=seeds[0]).save_pretrained(a)
+    build("vit", seed=seeds[1]).save_pretrained(b)
+    return a, b
+
+
+def test_vit_evaluates_the_users_image_tensors(tmp_path):
+    """--data FOLDER with train/test image tensors [n, C, H, W] (test: flattened [n, C*H*W]); --max-samples caps each split;
+    the loss reported at A's end is A's classification loss on exactly those test images."""
+    a, b = _vit_pair(tmp_path)
+    gen = torch.Generator().manual_seed(5)
+    x_tr, y_tr = torch.randn(40, 3, 8, 8, generator=gen), torch.randint(0, 7, (40,), generator=gen)
+    x_te, y_te = torch.randn(30, 3, 8, 8, generator=gen), torch.randint(0, 7, (30,), generator=gen)
+    data = tmp_path / "images"
+    data.mkdir()
+    _save_images(data / "train.npz", x_tr, y_tr)
+    _save_images(data / "test.npz", x_te.reshape(30, -1), y_te)
+    out = tmp_path / "out"
+    assert main(["align", str(a), str(b), "--out", str(out), "--quiet", "--points", "2", "--data", str(data), "--max-samples", "20"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert str(data) in report["data"] and "20 train + 20 test samples" in report["data"]
+    from symm.user_data import load_tensor_split
+
+    split = load_tensor_split(data, max_samples=20, seed=0, sample_shape=(3, 8, 8))  # the job's seeded subset, recomputed
+    assert len(split.x_test) == 20 and all(any(torch.equal(x, t) for t in x_te) for x in split.x_test)
+    with torch.no_grad():
+        loss_a = torch.nn.functional.cross_entropy(load_hf(a)(split.x_test).logits, split.y_test).item()
+    assert abs(report["naive"]["loss"][0] - loss_a) < 1e-4, (report["naive"]["loss"][0], loss_a)
+
+
+@pytest.mark.parametrize(
+    "make, flags, needle",
+    [
+        (lambda d: _save_images(d / "x.npz", torch.randn(10, 3, 4, 4), torch.zeros(10, dtype=torch.long)), [], r"shape \[10, 3, 4, 4\].*images \[n, 3, 8, 8\]"),
+        (lambda d: _save_images(d / "x.npz", torch.randn(10, 3, 8, 8), torch.full((10,), 12)), [], "labels up to 12.*10 outputs"),
+        (lambda d: (d / "x.npz").write_text("not a zip"), [], "cannot read the tensors"),
+        (lambda d: _save_images(d / "x.npz", torch.randn(10, 3, 8, 8), torch.zeros(10, dtype=torch.long)), ["--max-tokens", "100"], "--max-tokens applies"),
+    ],
+)
+def test_vit_bad_image_data_is_refused_before_any_output(make, flags, needle, tmp_path, capsys):
+    a, b = _vit_pair(tmp_path)
+    make(tmp_path)
+    out = tmp_path / "out"
+    assert main(["align", str(a), str(b), "--out", str(out), "--quiet", "--points", "2", "--data", str(tmp_path / "x.npz"), *flags]) == 2
+    assert re.search(needle, capsys.readouterr().err), needle
+    assert not out.exists()
+
+
+def test_vit_refuses_a_text_file(tmp_path, capsys):
+    a, b = _vit_pair(tmp_path)
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    assert main(["align", str(a), str(b), "--out", str(tmp_path / "out"), "--quiet", "--data", str(text)]) == 2
+    assert "image classifier is evaluated on image tensors" in capsys.readouterr().err

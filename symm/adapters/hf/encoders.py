@@ -319,6 +319,11 @@ def mask_windows(windows: torch.Tensor, mask_id: int, seed: int = 0, fraction: f
     return inputs, labels
 
 
+def image_shape(config) -> tuple[int, int, int]:
+    """``(num_channels, H, W)`` of a ViT's ``pixel_values``."""
+    return (config.num_channels, *_size2(config.image_size))
+
+
 def digit_images(config, seed: int = 0):
     """scikit-learn digits as ``pixel_values`` for a ViT: ``(n, num_channels, H, W)`` (grey replicated over channels,
     resized bilinearly when ``image_size`` is not 8), with the 10 labels; refuses a classifier with fewer outputs."""
