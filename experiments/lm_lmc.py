@@ -13,8 +13,8 @@ fixed={expert factors: identity})`` on the job's own Spec, task and probe). A se
 its message (``--method`` values the job does not know: "not available"); a setting that later lands is picked
 up without changes here.
 
-``gpt2-untied`` (not in the default families) is GPT-2 with an untied LM head, Theus et al.'s setting, where the
-orthogonal LayerNorm stream exists.
+``gpt2-untied`` is GPT-2 with an untied LM head, Theus et al.'s setting, where the orthogonal LayerNorm stream
+exists (the issue's tied GPT-2 admits no continuous stream group).
 
 Usage: .venv/bin/python experiments/lm_lmc.py [--steps 2000] [--pairs 2] [--families llama gpt2 mixtral gpt2-untied]
 [--cache DIR] [--quick]. Writes results/lm_lmc.json and results/lm_lmc.png (or into ``--out``).
@@ -296,7 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="trained-model cache (default ~/.cache/symm/lm_lmc)")
     p.add_argument("--steps", type=int, default=None, help="AdamW steps per model (default 2000; --quick 30)")
     p.add_argument("--pairs", type=int, default=None, help="pairs (seeds) per family (default 2; --quick 1)")
-    p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES[:3]), help="default: llama gpt2 mixtral")
+    p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     p.add_argument("--points", type=int, default=None, help="barrier grid points (default 7; --quick 3)")
     p.add_argument("--quick", action="store_true", help="tiny models, a few dozen steps (smoke test)")
     p.add_argument("--width", type=int, default=None, help="model width d (default 64; MLP 3d, experts 1.5d)")

@@ -35,12 +35,14 @@ def test_quick_run_writes_a_row_per_setting(tmp_path, monkeypatch):
     assert by[("llama", "signed")]["status"] == "ok"
     assert by[("gpt2", "signed")]["status"] == "refused" and "--stream signed" in by[("gpt2", "signed")]["message"]
     assert by[("mixtral", "experts-fixed")]["status"] == "ok"
+    assert by[("gpt2-untied", "orthogonal")]["status"] == "ok"  # the untied LayerNorm stream rotates
+    assert by[("gpt2", "orthogonal")]["status"] == "refused" and "tied" in by[("gpt2", "orthogonal")]["message"]
     for family in lm_lmc.FAMILIES:  # learned matching is recorded, whether it exists yet or not
         assert by[(family, "learned")]["status"] in ("ok", "not available")
 
     # models are cached complete (no staging folders left) and reused by a rerun
     folders = sorted(p.name for p in cache.iterdir())
-    assert len(folders) == 6 and not any(name.startswith(".") for name in folders)
+    assert len(folders) == 2 * len(lm_lmc.FAMILIES) and not any(name.startswith(".") for name in folders)
     stamps = {p: (p / "train.json").stat().st_mtime_ns for p in cache.iterdir()}
     lm_lmc.main(["--quick", "--cache", str(cache), "--out", str(out), "--families", "llama"])
     assert all((p / "train.json").stat().st_mtime_ns == t for p, t in stamps.items())
