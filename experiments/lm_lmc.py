@@ -45,11 +45,11 @@ from aligners import naive_vs_aligned, weight_matching
 from aligners.job import align, cast, eval_dtype, load_checkpoint, resolve, stream_group
 from aligners.outputs import check_same_function
 from symm.action import act
-from symm.data import TokenSplit, byte_tokens
+from symm.data import TokenSplit, byte_tokens, text_corpus
 from symm.errors import SymmError, UsageError
 from symm.io import atomic_write_text
 from symm.train import train_lm
-from symm.user_data import SEQ_LEN
+from symm.user_data import SEQ_LEN, folder_tokenizer_tokens
 
 FAMILIES = ("llama", "gpt2", "mixtral", "gpt2-untied")
 #: align-job settings: name -> keyword arguments of :func:`aligners.job.align`
@@ -80,6 +80,7 @@ class Sizes:
     experts: int = 4
     top_k: int = 2
     seq: int = 128
+    vocab: int = 256  # 256: bytes; larger: a byte-level BPE tokenizer trained on the training half (--vocab)
 
 
 @dataclass(frozen=True)
@@ -109,14 +110,14 @@ def config_for(family: str, s: Sizes):
     from transformers import GPT2Config, LlamaConfig, MixtralConfig
 
     positions = max(s.seq, SEQ_LEN)  # the align job evaluates windows of SEQ_LEN tokens
-    common = dict(vocab_size=256, hidden_size=s.d, num_hidden_layers=s.layers, num_attention_heads=s.heads,
+    common = dict(vocab_size=s.vocab, hidden_size=s.d, num_hidden_layers=s.layers, num_attention_heads=s.heads,
                   num_key_value_heads=s.kv_heads, max_position_embeddings=positions, tie_word_embeddings=False)
     if family == "llama":
         return LlamaConfig(intermediate_size=s.ff, **common)
     if family == "mixtral":
         return MixtralConfig(intermediate_size=s.expert_ff, num_local_experts=s.experts, num_experts_per_tok=s.top_k, **common)
     if family in ("gpt2", "gpt2-untied"):  # untied: Theus et al.'s setting (their GPT-2s never tie)
-        return GPT2Config(vocab_size=256, n_embd=s.d, n_layer=s.layers, n_head=s.heads, n_inner=s.ff, n_positions=positions,
+        return GPT2Config(vocab_size=s.vocab, n_embd=s.d, n_layer=s.layers, n_head=s.heads, n_inner=s.ff, n_positions=positions,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
                           tie_word_embeddings=family == "gpt2")
     raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
@@ -134,8 +135,49 @@ def model_key(family: str, s: Sizes, t: Training, init_seed: int, data_seed: int
     return f"{family}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}-init{init_seed}-data{data_seed}"
 
 
-def train_model(family: str, s: Sizes, t: Training, tokens: TokenSplit, init_seed: int, data_seed: int, cache: Path) -> tuple[Path, dict]:
-    """The cached ``save_pretrained`` folder of one trained model; trained and published atomically if missing."""
+#: every token of the shipped text (``max_tokens`` for the BPE runs: windows come from the same halves as bytes)
+ALL_TOKENS = 10**9
+
+
+def bpe_tokenizer(vocab: int, cache: Path) -> Path:
+    """A folder holding a byte-level BPE tokenizer of ``vocab`` tokens trained on the first (training) half of the
+    shipped text; cached (training it is deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = cache / f"bpe-{vocab}"
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    text = text_corpus()[0].decode("utf-8", errors="ignore")
+    half = text[: len(text) // 2]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((half[i : i + (1 << 16)] for i in range(0, len(half), 1 << 16)), trainer)
+    stage = Path(tempfile.mkdtemp(prefix=f".stage-bpe-{vocab}-", dir=cache))
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(stage)
+    try:
+        os.rename(stage, folder)
+    except OSError:
+        shutil.rmtree(stage, ignore_errors=True)
+    return folder
+
+
+def training_tokens(s: Sizes, t: Training, cache: Path) -> tuple[TokenSplit, Path | None]:
+    """Training windows (first half of the text) and held-out windows (second half): bytes, or BPE tokens of the
+    cached tokenizer (returned, to be saved with each model so the align job evaluates through it)."""
+    if s.vocab == 256:
+        return byte_tokens(vocab_size=256, seq_len=s.seq, n_train=t.windows, n_test=64, seed=0), None
+    cache.mkdir(parents=True, exist_ok=True)
+    folder = bpe_tokenizer(s.vocab, cache)
+    return folder_tokenizer_tokens(folder, s.vocab, max_tokens=ALL_TOKENS, seq_len=s.seq, n_train=t.windows, n_test=64, seed=0), folder
+
+
+def train_model(family: str, s: Sizes, t: Training, tokens: TokenSplit, init_seed: int, data_seed: int, cache: Path,
+                tokenizer: Path | None = None) -> tuple[Path, dict]:
+    """The cached ``save_pretrained`` folder of one trained model (with the tokenizer's files, if any); trained and
+    published atomically if missing."""
     from transformers import AutoModelForCausalLM
 
     folder = cache / model_key(family, s, t, init_seed, data_seed)
@@ -151,6 +193,9 @@ def train_model(family: str, s: Sizes, t: Training, tokens: TokenSplit, init_see
     stage = Path(tempfile.mkdtemp(prefix=f".stage-{folder.name}-", dir=cache))
     try:
         model.save_pretrained(stage)
+        if tokenizer is not None:
+            for f in tokenizer.iterdir():
+                shutil.copy2(f, stage / f.name)
         atomic_write_text(stage / "train.json", json.dumps(info, indent=2) + "\n")
         os.rename(stage, folder)  # one rename: the folder appears complete or not at all
     except OSError:
@@ -162,7 +207,7 @@ def train_model(family: str, s: Sizes, t: Training, tokens: TokenSplit, init_see
 
 @torch.no_grad()
 def heldout_loss(model, tokens: TokenSplit) -> float:
-    """Mean next-byte cross-entropy on the held-out windows."""
+    """Mean next-token (byte or BPE token) cross-entropy on the held-out windows."""
     x, y = tokens.test[:, :-1], tokens.test[:, 1:]
     logits = model(x).logits
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
@@ -182,9 +227,12 @@ def failed_row(family: str, pair: int, setting: str, status: str, message: str) 
 
 
 def run_job(family: str, pair: int, setting: str, a: Path, b: Path, budget: Budget, work: Path) -> dict:
-    """One align-job setting; a refusal (or a method that does not exist yet) is recorded with its message."""
+    """One align-job setting; a refusal (or a method that does not exist yet) is recorded with its message. Folders
+    with a tokenizer are evaluated on every token of the text, so the held-out windows are the second half, as for bytes."""
     out = work / f"{family}-{pair}-{setting}"
     kwargs = dict(JOB_SETTINGS[setting])
+    if (a / "tokenizer.json").is_file():
+        kwargs["max_tokens"] = ALL_TOKENS
     if budget.learn_steps is not None and "learn_steps" in inspect.signature(align).parameters:
         kwargs["learn_steps"] = budget.learn_steps
     try:
@@ -300,6 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--points", type=int, default=None, help="barrier grid points (default 7; --quick 3)")
     p.add_argument("--quick", action="store_true", help="tiny models, a few dozen steps (smoke test)")
     p.add_argument("--width", type=int, default=None, help="model width d (default 64; MLP 3d, experts 1.5d)")
+    p.add_argument("--vocab", type=int, default=None, help="256: bytes (default); larger: a byte-level BPE tokenizer of that "
+                   "many tokens trained on the training half, saved with each model")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of lm_lmc.json and lm_lmc.png")
     return p.parse_args(argv)
 
@@ -319,15 +369,17 @@ def main(argv: list[str] | None = None) -> dict:
         sizes = Sizes(**(asdict(sizes) | {"d": args.width, "ff": 3 * args.width, "expert_ff": 3 * args.width // 2}))
     if args.points is not None:
         budget = Budget(**(asdict(budget) | {"points": args.points}))
+    if args.vocab is not None:
+        sizes = Sizes(**(asdict(sizes) | {"vocab": args.vocab}))
     pairs = args.pairs if args.pairs is not None else (1 if args.quick else 2)
-    tokens = byte_tokens(vocab_size=256, seq_len=sizes.seq, n_train=training.windows, n_test=64, seed=0)
+    tokens, tokenizer = training_tokens(sizes, training, args.cache)
     rows, models = [], []
     t0 = time.perf_counter()
     payload = {}
     with tempfile.TemporaryDirectory(prefix="lm_lmc-") as work:
         for pair in range(pairs):  # pair-major: a run cut short still has every family
             for family in args.families:
-                trained = [train_model(family, sizes, training, tokens, *seeds(pair, m), args.cache) for m in (0, 1)]
+                trained = [train_model(family, sizes, training, tokens, *seeds(pair, m), args.cache, tokenizer) for m in (0, 1)]
                 models += [info | {"pair": pair, "folder": str(folder)} for folder, info in trained]
                 print(f"{family} pair {pair}: held-out loss A {trained[0][1]['test_loss']:.3f}, B {trained[1][1]['test_loss']:.3f} "
                       f"(train {trained[0][1]['train_s']:.0f} s + {trained[1][1]['train_s']:.0f} s)", flush=True)
@@ -335,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
                 done = pair == pairs - 1 and family == args.families[-1]
                 payload = {"rows": rows, "models": models, "sizes": asdict(sizes), "training": asdict(training),
                            "budget": asdict(budget), "pairs": pairs, "families": args.families, "complete": done,
-                           "data": DATA_NOTE, "acceptance": ACCEPT, "goal": GOAL, "quick": args.quick,
+                           "data": DATA_NOTE if tokenizer is None else DATA_NOTE.replace("byte windows", f"windows of {sizes.vocab} BPE tokens"), "acceptance": ACCEPT, "goal": GOAL, "quick": args.quick,
                            "total_s": time.perf_counter() - t0}
                 write_results(payload, args.out, args.families, quiet=not done)
     print(table(printable(rows), ["family", "pair", "setting", "naive", "aligned", "aligned/naive"]))

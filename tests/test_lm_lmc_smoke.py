@@ -46,3 +46,11 @@ def test_quick_run_writes_a_row_per_setting(tmp_path, monkeypatch):
     stamps = {p: (p / "train.json").stat().st_mtime_ns for p in cache.iterdir()}
     lm_lmc.main(["--quick", "--cache", str(cache), "--out", str(out), "--families", "llama"])
     assert all((p / "train.json").stat().st_mtime_ns == t for p, t in stamps.items())
+
+    # the objective study reads the same cache: barrier and folded distance per data-free variant and for learned
+    objective = importlib.import_module("lm_lmc_objective")
+    result = objective.main(["--quick", "--cache", str(cache), "--out", str(out), "--families", "llama"])
+    variants = [r["variant"] for r in result["rows"]]
+    assert variants == [*objective.VARIANTS, "learned (from default)"]
+    assert all(math.isfinite(r["folded_distance"]) and r["folded_distance"] >= 0 for r in result["rows"])
+    assert (out / "lm_lmc_objective.json").is_file()
