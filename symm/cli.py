@@ -164,7 +164,8 @@ def _cmd_laws_verify(args: argparse.Namespace) -> int:
         steps=args.steps, every=args.every, seed=args.seed, progress=not args.quiet, controls=args.controls,
     )
     print(f"{report['model']} ({report['spec']}), {report['optimizer']} lr={report['lr']} weight decay={report['weight_decay']}, "
-          f"{report['steps']} steps, {report['n_laws']} laws")
+          f"{report['steps']} steps, {report['n_laws']} laws, {report['dtype']} (residual tolerance {report['tolerance']:.0e}"
+          + ("; the model does not run in float64" if report["dtype"] != "float64" else "") + ")")
     for fam in report["families"]:
         print(f"  {fam['factor']}: {fam['laws']} {fam['kind']} laws, max |drift| {fam['max_relative_drift']:.2e}, "
               f"max |residual| {fam['max_residual']:.2e}, Noether {fam['noether']:.1e}: {fam['verdict']}")

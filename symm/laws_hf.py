@@ -22,7 +22,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .errors import UsageError
-from .law_tracker import LawTracker, control_report
+from .law_tracker import LawTracker, control_report, tolerance_for
 from .laws import law_families
 from .laws_verify import _per_law, publish_report
 from .spec import Spec
@@ -142,7 +142,7 @@ class LawTrackerCallback(TrainerCallback):
     # ----- report -------------------------------------------------------------------------------
     def _build_report(self, args: TrainingArguments, state: TrainerState, model: torch.nn.Module | None) -> dict:
         tracker = self.tracker
-        tol = self.tol if self.tol is not None else (1e-9 if self._dtype == "float64" else 1e-6)
+        tol = self.tol if self.tol is not None else tolerance_for(self._dtype)
         families = tracker.report(tol).families
         losses = [e["loss"] for e in state.log_history if "loss" in e]
         grad_norms = [float(e["grad_norm"]) for e in state.log_history if e.get("grad_norm") is not None]

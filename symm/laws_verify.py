@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .data import byte_tokens, digits
 from .errors import UsageError
-from .law_tracker import LawTracker, control_report
+from .law_tracker import LawTracker, control_report, tolerance_for
 from .laws import law_families
 from .models import TransformerConfig, build_model, spec_for
 from .models.named import named_config
@@ -105,7 +105,8 @@ def run_verify(model_name: str = "mlp-relu", optimizer: str = "sgd", lr: float |
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     tracker.close()
-    families = tracker.report().families
+    tol = tolerance_for(dtype)
+    families = tracker.report(tol).families
     laws = _per_law(tracker)
     report = {
         "model": model_name,
@@ -116,13 +117,14 @@ def run_verify(model_name: str = "mlp-relu", optimizer: str = "sgd", lr: float |
         "steps": steps,
         "every": every,
         "dtype": dtype,
+        "tolerance": tol,
         "n_laws": int(sum(f["laws"] for f in families)),
         "families": families,
         "laws": laws,
         "final_loss": float(loss.item()),
     }
     if controls:
-        report["controls"] = control_report(tracker)
+        report["controls"] = control_report(tracker, tol)
     return report, tracker
 
 
