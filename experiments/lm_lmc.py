@@ -130,8 +130,11 @@ def seeds(pair: int, member: int) -> tuple[int, int]:
 
 def model_key(family: str, s: Sizes, t: Training, init_seed: int, data_seed: int) -> str:
     """Cache key: family, a hash of the config and training settings, and the seeds."""
+    sizes = asdict(s)
+    if sizes["vocab"] == 256:  # bytes: the keys of models trained before --vocab existed
+        del sizes["vocab"]
     blob = json.dumps({"config": config_for(family, s).to_diff_dict() | {"transformers_version": None},
-                       "sizes": asdict(s), "training": asdict(t)}, sort_keys=True)
+                       "sizes": sizes, "training": asdict(t)}, sort_keys=True)
     return f"{family}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}-init{init_seed}-data{data_seed}"
 
 
