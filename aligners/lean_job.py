@@ -29,14 +29,15 @@ from symm.action import act_param
 from symm.adapters import spec_from_hf
 from symm.adapters.hf.encoders import is_encoder
 from symm.checkpoint import config_difference, hf_config, spec_difference
-from symm.errors import OutputError, SpecError
+from symm.errors import CheckpointError, OutputError, SpecError
 from symm.io import atomic_write_text, compare_state_dicts
 from symm.publish import fault_point, publish
 from symm.shards import LazyFolder, check_shapes, lazy_layout, logits_probe
 from symm.spec import Spec
 
 from .outputs import check_same_function
-from .weight_matching import MatchInfo, weight_matching
+from .layerwise import LayerwiseInfo, layerwise_matching
+from .weight_matching import MatchInfo
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,19 @@ def _stored_dtype(params) -> torch.dtype:
     return next((v.dtype for v in params.values() if torch.is_floating_point(v)), torch.float32)
 
 
+#: safetensors header dtype -> torch dtype
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _check_same_dtypes(la: LazyFolder, lb: LazyFolder) -> None:
+    """Both folders store every tensor in the same dtype (from the headers), as :func:`compare_state_dicts` checks."""
+    da, db = la.dtypes(), lb.dtypes()
+    differ = [f"{k} ({da[k]} vs {db[k]})" for k in sorted(da) if da[k] != db.get(k)]
+    if differ:
+        raise CheckpointError(f"{la.path} and {lb.path} store weights in different dtypes: {', '.join(differ[:6])}"
+                              + (" ..." if len(differ) > 6 else "") + "; convert one so that both use the same dtype")
+
+
 def _cast(params, dtype):
     """Tensors already in ``dtype`` are shared (memory-mapped pages stay file pages)."""
     return {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in params.items()}
@@ -105,34 +119,42 @@ def run_lean(pair: LeanPair, stage: Path, plan, *, seed: int = 0, backend: str =
     return_freed_memory()
     t0 = time.perf_counter()
     spec, la, lb = pair.spec, pair.a, pair.b
+    blocks = None
     check_shapes(la, spec)
     check_shapes(lb, spec)
-    # read through the mappings into own memory (every tensor checked finite): the matcher replaces B's tensors
-    # as it moves them and A's rescaled ones, and each replaced tensor is freed at once
-    pa, pb = la.state_dict(copy=True), lb.state_dict(copy=True)
-    compare_state_dicts(pa, pb, (str(la.path), str(lb.path)))
-    spec.check_params(pa, what=str(la.path))
-    work, stored = _work_dtype(pb), _stored_dtype(pb)
     stream_used, stream_fixed = stream_group(spec, stream)
-    t_load = time.perf_counter() - t0
-    fault_point("loaded")
-
-    info, t1, ortho = MatchInfo(), time.perf_counter(), None
-    if stream_used == "orthogonal":
+    info, ortho = MatchInfo(), None
+    if stream_used == "orthogonal":  # folds both models in float64: in memory, as the from_pretrained path
         from symm.folding import layout_for
 
         from .orthogonal_stream import match_orthogonal
 
+        pa, pb = la.state_dict(copy=True), lb.state_dict(copy=True)
+        compare_state_dicts(pa, pb, (str(la.path), str(lb.path)))
+        spec.check_params(pa, what=str(la.path))
+        work, stored = _work_dtype(pb), _stored_dtype(pb)
+        t_load = time.perf_counter() - t0
+        fault_point("loaded")
+        t1 = time.perf_counter()
         result = match_orthogonal(spec, layout_for(la.config, pa), _cast(pa, work), _cast(pb, work), seed=seed, backend=backend, progress=progress)
         info.sweeps, info.converged = result.rounds, result.converged
         ortho = {"rounds": result.rounds, "folded_distances": result.distances}
         aligned = result(pb)
         tensor_of = aligned.__getitem__
-    else:
-        inputs = [_cast(pa, work), _cast(pb, work)]
-        del pa, pb  # the matcher alone holds the inputs (it frees what it replaces)
-        g = weight_matching(spec, inputs.pop(0), inputs.pop(0), seed=seed, backend=backend, progress=progress, info=info,
-                            fixed=stream_fixed or None, device=device)
+    else:  # one block of tensors at a time (aligners/layerwise.py): a few layers' worth in memory, never a model
+        _check_same_dtypes(la, lb)
+        la.check_finite()
+        lb.check_finite()
+        stored = _DTYPES.get(next(iter(lb.dtypes().values())), torch.float32)
+        work = torch.float64 if stored == torch.float64 else torch.float32
+        t_load = time.perf_counter() - t0
+        fault_point("loaded")
+        t1 = time.perf_counter()
+        layerwise = LayerwiseInfo()
+        g = layerwise_matching(spec, la.read, lb.read, fixed_stream=stream_fixed or None, seed=seed, backend=backend, progress=progress,
+                               device=device, dtype=work, info=layerwise)
+        info.sweeps, info.converged = layerwise.sweeps, layerwise.converged
+        blocks = {"blocks": layerwise.blocks, "largest_block_tensors": layerwise.largest_block}
         tensor_of = lambda key: act_param(spec, spec.params[key], lb.tensor(key), g.values)  # noqa: E731  B's dtype
     pa = pb = None  # A is no longer needed; B is read again (memory-mapped) for writing and the check
     la.close()
@@ -169,6 +191,7 @@ def run_lean(pair: LeanPair, stage: Path, plan, *, seed: int = 0, backend: str =
             "function_check": {"max_relative_error": error, "evaluated_in": str(work)[6:], "probe": f"{PROBE_SHAPE[0]} random windows of {PROBE_SHAPE[1]} tokens"},
             "barrier": "none",
             "loader": "memory-mapped safetensors, written shard by shard",
+            **({"layerwise": blocks} if blocks else {}),
             "device": device,
             "timings_s": {"load": t_load, "align": t_align, "write": t_write, "total": time.perf_counter() - t0},
             "outputs": plan.shown(),

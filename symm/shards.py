@@ -85,6 +85,42 @@ class LazyFolder:
             out[key] = out[target]
         return out
 
+    def read(self, keys: list[str], check_finite: bool = True) -> dict[str, torch.Tensor]:
+        """Copies of some tensors, the shard mappings released afterwards (nothing of the file stays mapped)."""
+        out = {}
+        try:
+            for key in keys:
+                value = self.tensor(key)
+                if check_finite:
+                    assert_finite({key: value}, what=str(self.path))
+                out[key] = value.clone()
+                del value
+        finally:
+            self.close()
+        return out
+
+    def check_finite(self) -> int:
+        """Every tensor finite (read shard by shard, nothing kept); returns the number of tensors read."""
+        n = 0
+        for shard, keys in self.shards.items():
+            handle = self._handle(shard)
+            for key in keys:
+                assert_finite({key: handle.get_tensor(key)}, what=str(self.path / shard))
+                n += 1
+            self._handles.pop(shard, None)
+        return n
+
+    def dtypes(self) -> dict[str, str]:
+        """The stored dtype of every in-memory key, from the shard headers (nothing is read)."""
+        out = {}
+        for shard, keys in self.shards.items():
+            header = safetensors_header(self.path / shard)
+            for key in keys:
+                out[key] = header[key]["dtype"]
+        for key, target in self.aliases.items():
+            out[key] = out[target]
+        return out
+
     def close(self) -> None:
         self._handles.clear()
 
