@@ -111,9 +111,9 @@ def add_stream_scores(
             continue
         seg = segment_of(spec, pname, axis, offset)
         signed = sign is not None and any(o.factor == sign for o in seg.acts)
-        rows_a = unit_matrix(spec, a[pname], axis, offset, seg.size, on).to(torch.float64)
-        rows_b = unit_matrix(spec, b[pname], axis, offset, seg.size, on).to(torch.float64)
-        scores.add(signed, rows_a @ rows_b.T)
+        rows_a = unit_matrix(spec, a[pname], axis, offset, seg.size, on)
+        rows_b = unit_matrix(spec, b[pname], axis, offset, seg.size, on).to(rows_a.dtype)
+        scores.add(signed, (rows_a @ rows_b.T).to(torch.float64))  # in the working dtype, summed in float64
 
 
 def solve_stream(spec: Spec, scores: StreamScores, stream: str, sign: str | None, backend: str = "auto") -> GroupElement:

@@ -17,6 +17,7 @@ one (MoE families with fused experts) go through ``from_pretrained`` instead (:f
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import time
@@ -35,7 +36,7 @@ from symm.publish import fault_point, publish
 from symm.shards import LazyFolder, check_shapes, lazy_layout, logits_probe
 from symm.spec import Spec
 
-from .outputs import check_same_function
+from .outputs import check_same_outputs, output_error
 from .layerwise import LayerwiseInfo, layerwise_matching
 from .weight_matching import MatchInfo
 
@@ -151,7 +152,8 @@ def run_lean(pair: LeanPair, stage: Path, plan, *, seed: int = 0, backend: str =
         fault_point("loaded")
         t1 = time.perf_counter()
         layerwise = LayerwiseInfo()
-        g = layerwise_matching(spec, la.read, lb.read, fixed_stream=stream_fixed or None, seed=seed, backend=backend, progress=progress,
+        read_a, read_b = (functools.partial(f.read, check_finite=False) for f in (la, lb))  # checked just above
+        g = layerwise_matching(spec, read_a, read_b, fixed_stream=stream_fixed or None, seed=seed, backend=backend, progress=progress,
                                device=device, dtype=work, info=layerwise)
         info.sweeps, info.converged = layerwise.sweeps, layerwise.converged
         blocks = {"blocks": layerwise.blocks, "largest_block_tensors": layerwise.largest_block}
@@ -173,7 +175,10 @@ def run_lean(pair: LeanPair, stage: Path, plan, *, seed: int = 0, backend: str =
             raise OutputError(f"the written {plan.aligned} does not read back in B's layout; nothing was published")
         tokens = torch.randint(0, lb.config.vocab_size, PROBE_SHAPE, generator=torch.Generator().manual_seed(0))
         probe = logits_probe(lb.config, tokens, work)
-        error = check_same_function(probe, lb.state_dict(check_finite=False), written.state_dict(), stored, f"the saved folder {plan.aligned}")
+        # one model's pages mapped at a time: B's outputs first, B released, then the written folder's
+        reference = probe(lb.state_dict(check_finite=False))
+        lb.close()
+        error = check_same_outputs(output_error(reference, probe(written.state_dict())), stored, f"the saved folder {plan.aligned}")
         written.close()
         t_write = time.perf_counter() - t2
         report = {

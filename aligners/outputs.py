@@ -170,22 +170,31 @@ def remove_empty(folders: Sequence[Path]) -> None:
 Probe = Callable[[Mapping[str, torch.Tensor]], list[torch.Tensor]]
 
 
+def output_error(reference: Sequence[torch.Tensor], candidate: Sequence[torch.Tensor]) -> float:
+    """Worst relative output error ``max|y_c - y_r| / max|y_r|`` over paired outputs (inf if a candidate is not finite)."""
+    worst = 0.0
+    for yr, yc in zip(reference, candidate):
+        yr, yc = yr.double(), yc.double()
+        if not bool(torch.isfinite(yc).all()):
+            return float("inf")
+        worst = max(worst, float((yc - yr).abs().max() / yr.abs().max().clamp_min(1e-30)))
+    return worst
+
+
 def function_error(probe: Probe, reference: Mapping[str, torch.Tensor], candidate: Mapping[str, torch.Tensor]) -> float:
     """Worst relative output error ``max|f(c) - f(r)| / max|f(r)|`` over the probe's outputs."""
-    worst = 0.0
     with torch.no_grad():
-        for yr, yc in zip(probe(reference), probe(candidate)):
-            yr, yc = yr.double(), yc.double()
-            if not bool(torch.isfinite(yc).all()):
-                return float("inf")
-            worst = max(worst, float((yc - yr).abs().max() / yr.abs().max().clamp_min(1e-30)))
-    return worst
+        return output_error(probe(reference), probe(candidate))
 
 
 def check_same_function(probe: Probe, b: Mapping[str, torch.Tensor], aligned: Mapping[str, torch.Tensor], dtype: torch.dtype, what: str) -> float:
     """Raise :class:`FunctionMismatch` unless ``aligned`` computes B's function up to ``dtype``'s tolerance."""
+    return check_same_outputs(function_error(probe, b, aligned), dtype, what)
+
+
+def check_same_outputs(err: float, dtype: torch.dtype, what: str) -> float:
+    """Raise :class:`FunctionMismatch` unless the output error ``err`` is within ``dtype``'s tolerance."""
     tol = FUNCTION_RTOL.get(dtype, 1e-3)
-    err = function_error(probe, b, aligned)
     if not err <= tol:
         raise FunctionMismatch(
             f"refusing to write the aligned model: {what} does not compute B's function (worst output error "

@@ -180,22 +180,53 @@ def check_shapes(folder: LazyFolder, spec) -> None:
         raise CheckpointError(f"{folder.path}: the weights do not match config.json: {', '.join(bad[:8])}")
 
 
-def write_like(source: LazyFolder, dest: Path, tensor_of: Callable[[str], torch.Tensor], after_shard: Callable[[str], None] | None = None) -> None:
-    """Write ``dest`` in ``source``'s layout: one ``save_file`` per shard (same names, keys, metadata, index),
-    each tensor from ``tensor_of(key)`` (one shard in memory at a time); config, tokenizer and side files copied."""
-    from safetensors.torch import save_file
+#: torch dtype -> safetensors dtype name
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
 
+
+def stream_save(path: Path, layout: Mapping[str, dict], tensor_of: Callable[[str], torch.Tensor], metadata: Mapping[str, str] | None,
+                after_tensor: Callable[[str], None] | None = None) -> None:
+    """Write one ``.safetensors`` file tensor by tensor (one tensor in memory at a time).
+
+    ``layout``: the file's table (``key -> {dtype, shape, data_offsets}``, a source file's header): the same keys,
+    dtypes, shapes and byte ranges are written, in offset order; each ``tensor_of(key)`` must match its entry."""
+    order = sorted(layout, key=lambda k: int(layout[k]["data_offsets"][0]))
+    header: dict[str, object] = {k: {"dtype": layout[k]["dtype"], "shape": list(layout[k]["shape"]), "data_offsets": list(layout[k]["data_offsets"])} for k in order}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # 8-byte aligned data, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        position = 0
+        for key in order:
+            start, stop = (int(x) for x in layout[key]["data_offsets"])
+            tensor = tensor_of(key).contiguous()
+            if SAFETENSORS_DTYPES.get(tensor.dtype) != layout[key]["dtype"] or list(tensor.shape) != list(layout[key]["shape"]):
+                raise OSError(f"cannot write {path}: {key} is {tensor.dtype} {list(tensor.shape)}, the layout says {layout[key]['dtype']} {layout[key]['shape']}")
+            if start != position:
+                raise OSError(f"cannot write {path}: the layout's byte ranges have a hole before {key}")
+            data = tensor.reshape(-1).view(torch.uint8).numpy()
+            f.write(memoryview(data))
+            position = stop
+            del tensor, data
+            if after_tensor is not None:
+                after_tensor(key)
+
+
+def write_like(source: LazyFolder, dest: Path, tensor_of: Callable[[str], torch.Tensor], after_shard: Callable[[str], None] | None = None) -> None:
+    """Write ``dest`` in ``source``'s layout: every shard with the same name, keys, dtypes, byte ranges and metadata
+    (index, config, tokenizer and side files copied), each tensor from ``tensor_of(key)``, written one tensor at a time
+    with the source's mappings released after each (one tensor of each in memory, whatever the shard size)."""
     dest.mkdir(parents=True, exist_ok=False)
-    for shard, keys in source.shards.items():
+    for shard in source.shards:
         metadata = source._handle(shard).metadata() or {"format": "pt"}
-        tensors = {k: tensor_of(k).contiguous() for k in keys}
-        try:
-            save_file(tensors, str(dest / shard), metadata=metadata)
-        except OSError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the writer's own error type: an OS error for the caller's message
-            raise OSError(f"cannot write {dest / shard}: {first_line(exc)}") from None
-        del tensors
+        table = safetensors_header(source.path / shard)
+        stream_save(dest / shard, table, tensor_of, metadata, after_tensor=lambda _key: source.close())
         if after_shard is not None:
             after_shard(shard)
     for extra in source.path.iterdir():

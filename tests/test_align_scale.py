@@ -201,3 +201,20 @@ def test_state_dicts_without_barrier_write_no_plot(tmp_path):
     report = align(*paths, tmp_path / "out", barrier="none", progress=False)
     assert report["barrier"] == "none" and "loss_barrier" not in report
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["B_aligned.safetensors", "report.json"]
+
+
+def test_stream_save_writes_a_valid_safetensors_file_tensor_by_tensor(tmp_path):
+    from symm.io import safetensors_header
+    from symm.shards import stream_save
+
+    tensors = {"b": torch.randn(3, 5), "a": torch.arange(7, dtype=torch.int64), "c": torch.randn(4, dtype=torch.float64).to(torch.bfloat16)}
+    save_file(tensors, tmp_path / "src.safetensors", metadata={"format": "pt"})
+    table = safetensors_header(tmp_path / "src.safetensors")
+    seen = []
+    stream_save(tmp_path / "out.safetensors", table, lambda k: tensors[k] * (2 if k == "b" else 1), {"format": "pt"}, after_tensor=seen.append)
+    assert sorted(seen) == ["a", "b", "c"]
+    back = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(back["b"], 2 * tensors["b"]) and torch.equal(back["a"], tensors["a"]) and torch.equal(back["c"], tensors["c"])
+    assert safetensors_header(tmp_path / "out.safetensors") == table  # same dtypes, shapes and byte ranges
+    with pytest.raises(OSError, match="the layout says"):
+        stream_save(tmp_path / "bad.safetensors", table, lambda k: tensors[k].double(), None)
