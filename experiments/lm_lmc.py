@@ -257,7 +257,8 @@ def run_experts_fixed(family: str, pair: int, a_path: Path, b_path: Path, budget
     (units inside each expert are still matched); the aligned B is checked to compute B's function."""
     t0 = time.perf_counter()
     a, b = load_checkpoint(a_path), load_checkpoint(b_path)
-    spec, task, _ = resolve(a, b, None, None)
+    max_tokens = ALL_TOKENS if (a_path / "tokenizer.json").is_file() else None  # the job's evaluation windows (run_job)
+    spec, task, _ = resolve(a, b, None, None, max_tokens=max_tokens)
     stream, fixed = stream_group(spec, None)
     experts = [n for n, f in spec.factors.items() if f.kind == "permutation" and n.endswith(".experts")]
     fixed |= {n: spec.factors[n].identity() for n in experts}
