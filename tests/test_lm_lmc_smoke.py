@@ -54,3 +54,16 @@ def test_quick_run_writes_a_row_per_setting(tmp_path, monkeypatch):
     assert variants == [*objective.VARIANTS, "learned (from default)"]
     assert all(math.isfinite(r["folded_distance"]) and r["folded_distance"] >= 0 for r in result["rows"])
     assert (out / "lm_lmc_objective.json").is_file()
+
+
+def test_quick_bpe_run_evaluates_every_setting_on_the_same_windows(tmp_path, monkeypatch):
+    """--vocab: a BPE tokenizer trained on the training half is saved with each model; every setting (the
+    experts-fixed one included) evaluates the same held-out windows, so the naive barrier is the same."""
+    lm_lmc = _load_script(monkeypatch)
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    payload = lm_lmc.main(["--quick", "--vocab", "300", "--cache", str(cache), "--out", str(out), "--families", "mixtral"])
+    assert "300 BPE tokens" in payload["data"]
+    naive = [r["naive"] for r in payload["rows"] if r["status"] == "ok"]
+    assert len(naive) >= 5 and max(naive) - min(naive) < 1e-9
+    folders = [p for p in cache.iterdir() if p.name.startswith("mixtral-")]
+    assert len(folders) == 2 and all((f / "tokenizer.json").is_file() for f in folders)
