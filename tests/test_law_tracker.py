@@ -78,20 +78,25 @@ def test_verdicts_follow_the_numbers():
     assert verdict(1e-3, 1e-3, 1e-2, 0.0) == "broken by the model"
 
 
-def test_a_broken_model_symmetry_is_reported_as_such():
-    """Control: ReLU laws tracked on a GELU network (same shapes) under plain SGD: broken by the model."""
-    torch.manual_seed(0)
-    model = build_model(MLPConfig((64, 32, 32, 10), "gelu")).double()
-    spec = spec_for(MLPConfig((64, 32, 32, 10), "relu"))
-    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+def _track_mlp(model: nn.Module, spec, opt, steps: int) -> LawTracker:
+    """Train a 64-input, 10-class float64 MLP on random batches with ``opt``, tracking ``spec``'s laws."""
     tracker = LawTracker(model, spec, opt)
     gen = torch.Generator().manual_seed(1)
-    for _ in range(4):
+    for _ in range(steps):
         x, y = torch.randn(32, 64, generator=gen, dtype=torch.float64), torch.randint(0, 10, (32,), generator=gen)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     tracker.close()
+    return tracker
+
+
+def test_a_broken_model_symmetry_is_reported_as_such():
+    """Control: ReLU laws tracked on a GELU network (same shapes) under plain SGD: broken by the model."""
+    torch.manual_seed(0)
+    model = build_model(MLPConfig((64, 32, 32, 10), "gelu")).double()
+    spec = spec_for(MLPConfig((64, 32, 32, 10), "relu"))
+    tracker = _track_mlp(model, spec, torch.optim.SGD(model.parameters(), lr=0.2), steps=4)
     assert min(r.noether for r in tracker.records) > 1e-4
     assert float(tracker.residuals().abs().max()) > 1e-6
     assert all(f["verdict"] == "broken by the model" for f in tracker.report().families)
@@ -339,15 +344,7 @@ def test_an_inexact_gradient_is_told_from_a_breaking_optimizer(momentum):
     torch.manual_seed(0)
     model = _float32_first_layer(build_model(CASES["mlp-relu"]).double().train())
     spec = spec_for(CASES["mlp-relu"])
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=momentum)
-    tracker = LawTracker(model, spec, opt)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(6):
-        x, y = torch.randn(32, 64, generator=gen, dtype=torch.float64), torch.randint(0, 10, (32,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    tracker.close()
+    tracker = _track_mlp(model, spec, torch.optim.SGD(model.parameters(), lr=0.5, momentum=momentum), steps=6)
     first = tracker.report().families[0]
     assert 1e-12 < first["noether"] < 1e-6  # float32-level non-orthogonality, not a broken model symmetry
     assert first["max_residual"] > 1e-9
