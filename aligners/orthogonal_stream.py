@@ -70,7 +70,8 @@ def procrustes(a: Params, b: Params, layout: StreamLayout, names: list[str] | No
     return nearest_orthogonal(m, layout.centred)
 
 
-def _rel_distance(x: Params, y: Params) -> float:
+def relative_distance(x: Params, y: Params) -> float:
+    """||x - y|| / ||y|| over the floating-point tensors of ``y``."""
     num = sum(float((x[k] - y[k]).pow(2).sum()) for k in y if torch.is_floating_point(y[k]))
     den = sum(float(y[k].pow(2).sum()) for k in y if torch.is_floating_point(y[k]))
     return (num / den) ** 0.5
@@ -149,7 +150,7 @@ def match_orthogonal(
         rotated = act_orthogonal(b_f, layout, O)
         g = weight_matching(spec, a_f, rotated, fixed=fixed, init=g, seed=seed, backend=backend, max_sweeps=max_sweeps, progress=progress)
         current = act(spec, rotated, g)
-        dist = _rel_distance(current, a_f)
+        dist = relative_distance(current, a_f)
         distances.append(dist)
         log.info("orthogonal stream: round %d, folded distance %.4g", r + 1, dist)
         stale = 0 if best is None or dist < best[0] * (1 - min_gain) else stale + 1
@@ -201,7 +202,7 @@ def match_orthogonal_activations(
     fixed = decide_from_activations(spec, acts, {n: spec.factors[n].identity() for n in stream}, backend)
     rotated = act_orthogonal(b_f, layout, O)
     g = weight_matching(spec, a_f, rotated, fixed=fixed, seed=seed, backend=backend, max_sweeps=max_sweeps, progress=progress)
-    dist = _rel_distance(act(spec, rotated, g), a_f)
+    dist = relative_distance(act(spec, rotated, g), a_f)
     log.info("orthogonal stream from activations: folded distance %.4g", dist)
     return OrthogonalMatch(spec, layout, O, g, gains_of(params_a, layout), [dist], 1, True)
 

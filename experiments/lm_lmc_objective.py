@@ -28,7 +28,7 @@ from _common import RESULTS, quiet_logs, table
 from aligners.barrier import naive_vs_aligned
 from aligners.job import cast, eval_dtype, load_checkpoint, orthogonal_layout, resolve
 from aligners.learned import learned_matching
-from aligners.orthogonal_stream import OrthogonalMatch, match_orthogonal
+from aligners.orthogonal_stream import OrthogonalMatch, match_orthogonal, relative_distance
 from symm.folding import fold
 from symm.io import atomic_write_text
 
@@ -46,11 +46,7 @@ VARIANTS = {
 
 def folded_distance(match: OrthogonalMatch, pa, pb) -> float:
     """||g . O . fold(B) - fold(A)|| / ||fold(A)|| in float64."""
-    fa = fold({k: v.double() for k, v in pa.items()}, match.layout)
-    moved = match.folded(pb)
-    num = sum(float((moved[k] - fa[k]).pow(2).sum()) for k in fa if torch.is_floating_point(fa[k]))
-    den = sum(float(fa[k].pow(2).sum()) for k in fa if torch.is_floating_point(fa[k]))
-    return (num / den) ** 0.5
+    return relative_distance(match.folded(pb), fold({k: v.double() for k, v in pa.items()}, match.layout))
 
 
 def run_family(family: str, pair: int, sizes: lm_lmc.Sizes, training: lm_lmc.Training, cache: Path, points: int,
