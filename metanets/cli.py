@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from symm.cli_types import non_negative, non_negative_float, positive, positive_float
 from symm.errors import OutputError, UsageError
 
 log = logging.getLogger(__name__)
@@ -111,15 +112,15 @@ def add_metanet_parser(sub) -> None:
     tr.add_argument("--select", action="append", default=[], metavar="COL=VALUE",
                     help="keep rows whose column equals VALUE (a,b: any of them); repeatable, e.g. --select activation=relu")
     tr.add_argument("--final", action="store_true", help="keep only the last checkpoint of every run")
-    tr.add_argument("--epochs", type=int, default=100)
-    tr.add_argument("--batch-size", type=int, default=32)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--weight-decay", type=float, default=1e-4)
-    tr.add_argument("--hidden", type=int, default=16, help="equivariant/quasi: channels of the equivariant layers (default 16)")
-    tr.add_argument("--depth", type=int, default=2, help="equivariant/quasi: equivariant layers (default 2)")
-    tr.add_argument("--head-hidden", type=int, default=64, help="equivariant/quasi: hidden units of the invariant head (default 64; baselines use 128-128)")
-    tr.add_argument("--patience", type=int, default=20, help="early stopping after N epochs without a better val tau (0: off)")
-    tr.add_argument("--seed", type=int, default=0, help="seed of the split, the model's init, shuffling and transformations")
+    tr.add_argument("--epochs", type=positive, default=100)
+    tr.add_argument("--batch-size", type=positive, default=32)
+    tr.add_argument("--lr", type=positive_float, default=1e-3)
+    tr.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
+    tr.add_argument("--hidden", type=positive, default=16, help="equivariant/quasi: channels of the equivariant layers (default 16)")
+    tr.add_argument("--depth", type=positive, default=2, help="equivariant/quasi: equivariant layers (default 2)")
+    tr.add_argument("--head-hidden", type=positive, default=64, help="equivariant/quasi: hidden units of the invariant head (default 64; baselines use 128-128)")
+    tr.add_argument("--patience", type=non_negative, default=20, help="early stopping after N epochs without a better val tau (0: off)")
+    tr.add_argument("--seed", type=non_negative, default=0, help="seed of the split, the model's init, shuffling and transformations")
     tr.add_argument("--fractions", type=_fractions, default=(0.8, 0.1, 0.1), help="train,val,test run fractions (default 0.8,0.1,0.1)")
     tr.add_argument("--out", type=Path, default=Path("metanet_out"), help="output folder (default metanet_out)")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

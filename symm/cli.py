@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_types import int_at_least, non_negative, non_negative_float, positive, positive_float
 from .errors import SymmError
 from .graph import describe
 
@@ -210,36 +211,16 @@ def _config_from_json(path: Path):
         raise UnsupportedArchitecture(f"{path}: unknown model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}") from None
 
 
-def _points(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"need at least 2 points (the endpoints A and B), got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="symm", description="Weight-space symmetry catalogue and model alignment.")
     parser.add_argument("-v", "--verbose", action="store_true", help="more output and INFO logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train two MLPs on digits, align them, plot the barrier (embedded default job)")
-    demo.add_argument("--width", type=int, default=512)
-    demo.add_argument("--depth", type=int, default=2)
-    demo.add_argument("--epochs", type=int, default=30)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--width", type=positive, default=512)
+    demo.add_argument("--depth", type=positive, default=2)
+    demo.add_argument("--epochs", type=positive, default=30)
+    demo.add_argument("--seed", type=non_negative, default=0)
     demo.add_argument("--method", choices=["weights", "activations"], default="weights")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -251,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--method", choices=["weights", "activations", "learned"], default="weights",
                     help="weight matching (default), activation matching, or learned: weight matching, then the continuous "
                          "factors and the stream O fitted to the midpoint loss on the training windows (language models)")
-    al.add_argument("--learn-steps", type=int, default=1000, metavar="N",
+    al.add_argument("--learn-steps", type=positive, default=1000, metavar="N",
                     help="--method learned: at most N gradient steps (it stops earlier when the held-out midpoint loss stops "
                          "improving; default 1000)")
     al.add_argument("--data", metavar="digits|mnist1d|text|FILE|DIR",
@@ -260,10 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "'labels', split 80/20, or a folder with train.* and test.*; a ViT takes images [n, C, H, W] or flattened). "
                          "Default: digits/mnist1d by input size (digits for a ViT); for language models the shipped "
                          "Shakespeare text, through the folder's tokenizer if it has one")
-    al.add_argument("--max-tokens", type=_positive, metavar="N",
+    al.add_argument("--max-tokens", type=positive, metavar="N",
                     help="language models: use the first N tokens of the text (default 200000; "
                          "without a tokenizer the shipped default text is used whole)")
-    al.add_argument("--max-samples", type=_positive, metavar="N",
+    al.add_argument("--max-samples", type=positive, metavar="N",
                     help="classifiers (dense and ViT): at most N samples per split (a seeded random subset; default: all)")
     al.add_argument(
         "--activation",
@@ -273,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         "tanh adds sign flips, gelu/silu permutations only",
     )
     al.add_argument("--out", default="align_out", help="output folder (default: align_out); created, or must be a folder")
-    al.add_argument("--points", type=_points, default=25, help="interpolation points, at least 2 (default 25)")
-    al.add_argument("--seed", type=int, default=0)
+    al.add_argument("--points", type=int_at_least(2, "the endpoints A and B"), default=25, help="interpolation points, at least 2 (default 25)")
+    al.add_argument("--seed", type=non_negative, default=0)
     al.add_argument("--backend", choices=["auto", "jv", "scipy", "lapx"], default="auto",
                     help="linear-assignment solver (default auto: jv, our warm-started exact solver, from 512 units; scipy below)")
     al.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never overwritten)")
@@ -303,10 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--weights", type=_merge_weights, help="comma-separated positive weights of the average, one per input (default: uniform)")
     mg.add_argument("--data", choices=["digits", "mnist1d", "text"], help="evaluation data (default: digits/mnist1d by input size; text for LMs)")
     mg.add_argument("--activation", choices=ACTIVATIONS, help="activation of a bare dense chain (state dicts only; see `symm align --help`)")
-    mg.add_argument("--rounds", type=int, default=20, help="most MergeMany rounds (default 20; stops earlier when a round changes nothing)")
-    mg.add_argument("--ste-steps", type=int, default=100, help="STE optimisation steps per match (default 100)")
+    mg.add_argument("--rounds", type=positive, default=20, help="most MergeMany rounds (default 20; stops earlier when a round changes nothing)")
+    mg.add_argument("--ste-steps", type=positive, default=100, help="STE optimisation steps per match (default 100)")
     mg.add_argument("--out", default="merge_out", help="output folder (default: merge_out); created, or must be a folder")
-    mg.add_argument("--seed", type=int, default=0)
+    mg.add_argument("--seed", type=non_negative, default=0)
     mg.add_argument("--backend", choices=["auto", "jv", "scipy", "lapx"], default="auto", help="linear-assignment solver")
     mg.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never overwritten)")
     mg.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -325,11 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify = laws.add_argument_group("symm laws verify: train a reference model and check every law against its exact SGD step")
     verify.add_argument("--model", default="mlp-relu", help="reference model name (default mlp-relu; see `symm laws NAME`) or hf:FOLDER")
     verify.add_argument("--optimizer", choices=["sgd", "momentum", "adam", "adamw"], default="sgd")
-    verify.add_argument("--lr", type=float, help="learning rate (default: 0.1 sgd, 0.05 momentum, 1e-3 adam/adamw)")
-    verify.add_argument("--weight-decay", type=float, default=0.0)
-    verify.add_argument("--steps", type=int, default=100)
-    verify.add_argument("--every", type=int, default=1, help="track every N-th step")
-    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--lr", type=positive_float, help="learning rate (default: 0.1 sgd, 0.05 momentum, 1e-3 adam/adamw)")
+    verify.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    verify.add_argument("--steps", type=positive, default=100)
+    verify.add_argument("--every", type=positive, default=1, help="track every N-th step")
+    verify.add_argument("--seed", type=non_negative, default=0)
     verify.add_argument("--controls", action="store_true", help="also track quantities that are NOT laws, for contrast (report key 'controls')")
     verify.add_argument("--out", default="laws_out", help="output folder (default laws_out)")
     verify.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

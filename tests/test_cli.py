@@ -149,8 +149,35 @@ def test_points_below_two_refused_before_reading(tmp_path, capsys):
         with pytest.raises(SystemExit) as info:
             main(["align", "a.pt", "b.pt", "--points", points])
         assert info.value.code == 2
-        assert "need at least 2 points" in capsys.readouterr().err
+        assert "--points: must be at least 2 (the endpoints A and B)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--width", "0"], "--width: must be at least 1, got 0"),
+        (["demo", "--epochs", "two"], "--epochs: not an integer: 'two'"),
+        (["align", "a", "b", "--seed", "-1"], "--seed: must be at least 0, got -1"),
+        (["align", "a", "b", "--learn-steps", "0"], "--learn-steps: must be at least 1"),
+        (["merge", "a", "b", "--rounds", "0"], "--rounds: must be at least 1"),
+        (["laws", "verify", "--lr", "-1"], "--lr: must be a finite number > 0, got -1"),
+        (["laws", "verify", "--lr", "inf"], "--lr: must be a finite number > 0, got inf"),
+        (["laws", "verify", "--weight-decay", "-0.1"], "--weight-decay: must be a finite number >= 0"),
+        (["laws", "verify", "--every", "0"], "--every: must be at least 1"),
+        (["zoo", "make", "--n-models", "0"], "--n-models: must be at least 1"),
+        (["metanet", "train", "--lr", "nan"], "--lr: must be a finite number > 0, got nan"),
+        (["metanet", "train", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    ],
+)
+def test_bad_numbers_refused_by_the_parser(tmp_path, monkeypatch, capsys, argv, message):
+    """Every numeric option is checked by argparse (exit code 2, the option named) before any work or output."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_mixed_dtypes_refused_up_front(tmp_path, capsys):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli_types import non_negative, positive
 from ..errors import UsageError
 from .make import ARCHS, CHUNK_SIZE, ZooPlan, make_zoo
 from .datasets import DATASETS
@@ -21,14 +22,14 @@ def add_zoo_parser(sub) -> None:
     mk = zsub.add_parser("make", help="train N small networks with hyperparameters drawn from a search space (resumable)")
     mk.add_argument("--arch", choices=ARCHS, default="mlp", help="reference architecture family (default mlp)")
     mk.add_argument("--dataset", choices=DATASETS, default="digits", help="default digits (sklearn, shipped)")
-    mk.add_argument("--n-models", type=int, default=300, help="number of runs (default 300)")
+    mk.add_argument("--n-models", type=positive, default=300, help="number of runs (default 300)")
     mk.add_argument("--out", default="zoo_out", help="zoo folder (default zoo_out); re-running finishes it")
-    mk.add_argument("--seed", type=int, default=0, help="zoo seed: run i's hyperparameters and torch seed follow from (seed, i)")
-    mk.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split of the dataset")
+    mk.add_argument("--seed", type=non_negative, default=0, help="zoo seed: run i's hyperparameters and torch seed follow from (seed, i)")
+    mk.add_argument("--split-seed", type=non_negative, default=0, help="seed of the train/val/test split of the dataset")
     mk.add_argument("--space", type=Path, help="JSON file overriding fields of the default search space (see README)")
-    mk.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="local worker processes (default: CPU count)")
+    mk.add_argument("--workers", type=positive, default=os.cpu_count() or 1, help="local worker processes (default: CPU count)")
     mk.add_argument("--ray", metavar="auto|ADDRESS", help="schedule the runs as Ray tasks on an existing cluster instead")
-    mk.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help=f"runs trained together per vmap stack (default {CHUNK_SIZE})")
+    mk.add_argument("--chunk-size", type=positive, default=CHUNK_SIZE, help=f"runs trained together per vmap stack (default {CHUNK_SIZE})")
     mk.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     mk.set_defaults(func=_cmd_make)
     info = zsub.add_parser("info", help="counts, architectures and their symmetry groups, accuracy spread")
