@@ -271,23 +271,17 @@ def plot_scatter(test: Mapping[str, tuple[np.ndarray, np.ndarray]], metrics: Map
 
 
 def publish_outputs(out: Path, report: dict, test, write_extra=None) -> None:
-    from symm.publish import OutputLock, discard, make_staging, publish, recover
+    from symm.publish import publish, staged_output
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with OutputLock(out):
-        recover(out)
-        stage = make_staging(out)
-        try:
-            names = []
-            if write_extra is not None:
-                names += write_extra(stage)
-            plot_scatter(test, report["metrics"]["test"], stage / SCATTER,
-                         f"{report['model']['type']} on {Path(report['zoo']).name} (test split)")
-            (stage / REPORT).write_text(json.dumps(_jsonable(report), indent=1) + "\n")
-            publish(stage, out, [*names, SCATTER, REPORT])
-        except BaseException:
-            discard(stage)
-            raise
+    with staged_output(out, lambda: None) as stage:
+        names = []
+        if write_extra is not None:
+            names += write_extra(stage)
+        plot_scatter(test, report["metrics"]["test"], stage / SCATTER,
+                     f"{report['model']['type']} on {Path(report['zoo']).name} (test split)")
+        (stage / REPORT).write_text(json.dumps(_jsonable(report), indent=1) + "\n")
+        publish(stage, out, [*names, SCATTER, REPORT])
 
 
 def _split_info(splits) -> dict:

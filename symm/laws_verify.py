@@ -21,7 +21,7 @@ from .law_tracker import LawTracker, control_report, tolerance_for
 from .laws import law_families
 from .models import TransformerConfig, build_model, spec_for
 from .models.named import named_config
-from .publish import OutputLock, discard, make_staging, publish, recover
+from .publish import publish, staged_output
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +192,7 @@ def verify(out: str | Path, **kwargs) -> dict:
 
 def publish_report(out: Path, report: dict, tracker: LawTracker, title: str) -> None:
     """Write ``report.json`` and ``laws.png`` into ``out`` all at once (staged, then renamed under a lock)."""
-    with OutputLock(out):
-        recover(out)
-        stage = make_staging(out)
-        try:
-            (stage / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-            plot_laws(tracker, stage / "laws.png", title)
-            publish(stage, out, ["laws.png", "report.json"])
-        except BaseException:
-            discard(stage)
-            raise
+    with staged_output(out, lambda: None) as stage:
+        (stage / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        plot_laws(tracker, stage / "laws.png", title)
+        publish(stage, out, ["laws.png", "report.json"])

@@ -138,7 +138,9 @@ def test_cli_laws_verify_refuses_bad_input(tmp_path, capsys):
     file.write_text("x")
     assert main(["laws", "verify", "--out", str(file), "--steps", "2", "-q"]) == 2
     assert main(["laws", "verify", "--model", "nope", "--out", str(tmp_path / "o"), "-q"]) == 2
-    assert main(["laws", "verify", "--steps", "0", "--out", str(tmp_path / "o"), "-q"]) == 2
+    with pytest.raises(SystemExit) as info:  # argparse refuses it, naming the option
+        main(["laws", "verify", "--steps", "0", "--out", str(tmp_path / "o"), "-q"])
+    assert info.value.code == 2 and "--steps: must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and file.read_text() == "x"
 
 

@@ -99,8 +99,10 @@ def test_quasi_train_and_eval_is_scale_invariant(zoo_dir, tmp_path):
 
 def test_bad_model_sizes_are_refused(zoo_dir, tmp_path, capsys):
     out = tmp_path / "q"
-    assert main(["metanet", "train", "--zoo", str(zoo_dir), "--model", "quasi", "--hidden", "0", *QUICK, "--out", str(out)]) == 2
-    assert "--hidden" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # argparse refuses it, naming the option
+        main(["metanet", "train", "--zoo", str(zoo_dir), "--model", "quasi", "--hidden", "0", *QUICK, "--out", str(out)])
+    assert info.value.code == 2
+    assert "--hidden: must be at least 1" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
