@@ -50,6 +50,8 @@ __all__ = ["Checkpoint", "Task", "align", "load_checkpoint", "lm_task", "resolve
 METHODS = ("weights", "activations", "learned")
 #: residual-stream groups a user may ask for (``None``: the largest the model allows)
 STREAMS = ("permutation", "signed", "orthogonal")
+#: where learned matching's training windows come from: the evaluation text's training half, or sampled from A and B
+LEARN_FROM = ("text", "generated")
 DATASETS = ("digits", "mnist1d", "text")
 #: ``--barrier``: measure the naive and aligned curves, or skip them (no evaluation data, no plot)
 BARRIERS = ("full", "none")
@@ -323,6 +325,21 @@ def _check_budget(flag: str, value: int | None) -> None:
         raise UsageError(f"{flag} must be a positive integer, got {value!r}")
 
 
+def check_learn_from(learn_from: str, method: str, path_a: Path, path_b: Path) -> None:
+    """``--learn-from generated`` samples windows from causal LMs for learned matching; anything else is refused
+    (from the configs only, before any weights are read)."""
+    if learn_from not in LEARN_FROM:
+        raise UsageError(f"--learn-from must be one of {', '.join(LEARN_FROM)}, got {learn_from!r}")
+    if learn_from == "text":
+        return
+    if method != "learned":
+        raise UsageError(f"--learn-from generated picks the windows of --method learned; it does nothing with --method {method}")
+    causal = data_kind_of(path_a, path_b) == "text" and not any(is_hf_folder(p) and is_encoder(hf_config(p)) for p in (path_a, path_b))
+    if not causal:
+        raise UsageError("--learn-from generated samples token windows from the two models: it needs causal language models "
+                         "(Hugging Face decoder folders)")
+
+
 def check_arguments(
     method: str, n_points: int, activation: str | None, data: str | None, stream: str | None = None,
     max_tokens: int | None = None, max_samples: int | None = None,
@@ -427,9 +444,10 @@ def _match_orthogonal(a: Checkpoint, spec: Spec, pa, pb, b_params, seed, backend
 
 
 def _match_learned(a: Checkpoint, spec: Spec, task: Task, pa, pb, b_params, stream_used: str, fixed, seed, backend, progress,
-                   info, steps: int = 1000) -> tuple[dict, dict]:
+                   info, steps: int = 1000, learn_from: str = "text") -> tuple[dict, dict]:
     """Weight matching (with the orthogonal stream when used), then the continuous factors and O learned on the
-    midpoint loss of the training windows (:mod:`aligners.learned`)."""
+    midpoint loss of the training windows (:mod:`aligners.learned`): the text's, or as many sampled from A and B
+    themselves (``learn_from="generated"``, :mod:`aligners.generated`)."""
     from .learned import learned_matching
     from .orthogonal_stream import match_orthogonal
 
@@ -444,8 +462,14 @@ def _match_learned(a: Checkpoint, spec: Spec, task: Task, pa, pb, b_params, stre
         info.sweeps, info.converged = start.rounds, start.converged
     else:
         g = weight_matching(spec, pa, pb, seed=seed, backend=backend, progress=progress, info=info, fixed=fixed or None)
-    result = learned_matching(spec, task.model, pa, pb, task.windows, init=g, layout=layout, O=O, steps=steps, seed=seed, progress=progress)
-    return result(b_params), result.summary()
+    windows = task.windows
+    if learn_from == "generated":
+        from .generated import sample_windows
+
+        windows = sample_windows(task.model, [pa, pb], windows.shape[0], windows.shape[1], seed=seed, progress=progress)
+    result = learned_matching(spec, task.model, pa, pb, windows, init=g, layout=layout, O=O, steps=steps, seed=seed, progress=progress)
+    summary = result.summary() | {"windows": {"source": learn_from, "count": windows.shape[0], "tokens": windows.shape[1]}}
+    return result(b_params), summary
 
 
 def _match(method, spec, task, pa, pb, seed, backend, progress, info, fixed=None, device=None):
@@ -474,6 +498,7 @@ def align(
     barrier: str = "full",
     device: str = "auto",
     learn_steps: int = 1000,
+    learn_from: str = "text",
 ) -> dict:
     """Align B onto A, measure naive vs aligned barriers, write aligned B, ``report.json`` and ``barrier.png``.
 
@@ -492,6 +517,7 @@ def align(
     for p in (path_a, path_b):
         _check_input_kind(p)
     check_data(data, data_kind_of(path_a, path_b), max_tokens, max_samples)
+    check_learn_from(learn_from, method, path_a, path_b)
     inputs = [path_a, path_b] + ([data_path(data)] if data_path(data) is not None else [])
     plan = plan_outputs(path_b, is_hf_folder(path_b), out_dir, plot=barrier != "none")
     preflight(plan, inputs, None, need_bytes=int(1.1 * disk_size(path_b)) + 1_000_000)
@@ -502,7 +528,7 @@ def align(
             if lean is not None:  # no models instantiated: memory-mapped weights, B written shard by shard
                 return run_lean(lean, stage, plan, seed=seed, backend=backend, progress=progress, stream=stream, device=device)
             outcome = _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress, stream,
-                           max_tokens, max_samples, barrier, device, learn_steps)
+                           max_tokens, max_samples, barrier, device, learn_steps, learn_from)
             _write_and_publish(stage, plan, outcome)
             return outcome.report
     finally:
@@ -523,7 +549,7 @@ class Outcome:
 
 
 def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend, use_repair, progress, stream=None,
-         max_tokens=None, max_samples=None, barrier="full", device=None, learn_steps: int = 1000) -> "Outcome":
+         max_tokens=None, max_samples=None, barrier="full", device=None, learn_steps: int = 1000, learn_from: str = "text") -> "Outcome":
     """Load, align, check the function, measure the barrier; returns everything the writer needs."""
     t0 = time.perf_counter()
     a, b = load_checkpoint(path_a), load_checkpoint(path_b)
@@ -537,7 +563,7 @@ def _run(path_a, path_b, plan, method, data, activation, n_points, seed, backend
     ortho = learned = None
     if method == "learned":
         aligned, learned = _match_learned(a, spec, task, pa, pb, b.params, stream_used, stream_fixed, seed, backend, progress, info,
-                                          learn_steps)
+                                          learn_steps, learn_from)
     elif stream_used == "orthogonal":
         by_activations = task if method == "activations" else None
         aligned, ortho = _match_orthogonal(a, spec, pa, pb, b.params, seed, backend, progress, info, by_activations)

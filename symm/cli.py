@@ -69,7 +69,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         args.a, args.b, args.out, method=args.method, data=args.data, activation=args.activation, n_points=args.points,
         seed=args.seed, backend=args.backend, overwrite=args.overwrite, use_repair=args.repair, stream=args.stream,
         progress=not args.quiet, max_tokens=args.max_tokens, max_samples=args.max_samples,
-        barrier=args.barrier, device=args.device, learn_steps=args.learn_steps,
+        barrier=args.barrier, device=args.device, learn_steps=args.learn_steps, learn_from=args.learn_from,
     )
     print(report["models"]["architecture"])
     if report.get("barrier") == "none":
@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--learn-steps", type=positive, default=1000, metavar="N",
                     help="--method learned: at most N gradient steps (it stops earlier when the held-out midpoint loss stops "
                          "improving; default 1000)")
+    al.add_argument("--learn-from", choices=["text", "generated"], default="text",
+                    help="--method learned: fit on windows of the evaluation text's training half (default), or on as many "
+                         "windows sampled from A and B themselves (temperature 1, half from each): no data needed")
     al.add_argument("--data", metavar="digits|mnist1d|text|FILE|DIR",
                     help="evaluation data: a dataset name, a UTF-8 text file (language models; tokenised by the folder's own "
                          "tokenizer, else bytes), or tensors for classifiers (a .npz/.safetensors file with 'inputs' and "

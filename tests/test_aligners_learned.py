@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from aligners.generated import sample_windows
 from aligners.learned import learned_matching
 from planted import reference_params, rel_distance
 from symm.action import act, act_differentiable
@@ -25,23 +26,11 @@ RMS = TransformerConfig(norm="rms", pe="rope", n_kv_heads=2, vocab_size=16, d_mo
 LAYER = TransformerConfig(norm="layer", pe="learned", vocab_size=16, d_model=16, n_heads=2, d_ff=24, n_layers=1, max_len=16)
 
 
-def _sampled_windows(model, params, n: int, length: int, seed: int) -> torch.Tensor:
-    """Token windows sampled autoregressively from the model at ``params`` (temperature 0.5: peaked)."""
-    f = functional(model)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, model.config.vocab_size if hasattr(model, "config") else 16, (n, 1), generator=gen)
-    with torch.no_grad():
-        for _ in range(length - 1):
-            logits = f(params, x)[:, -1].double() / 0.5
-            x = torch.cat([x, torch.multinomial(logits.softmax(-1), 1, generator=gen)], 1)
-    return x
-
-
 def _case(config):
     model = build_model(config).double().eval()
     a = reference_params(config, 0)
     a = {k: 3 * v if v.dim() >= 2 else v for k, v in a.items()}  # larger weights: peaked predictions
-    return spec_for(config), model, a, _sampled_windows(model, a, 48, 12, 0)
+    return spec_for(config), model, a, sample_windows(model, [a], 48, 12, seed=0, temperature=0.5)  # peaked
 
 
 def _continuous_only(spec, seed: int, scale: float = 0.5) -> GroupElement:
@@ -167,4 +156,32 @@ def test_cli_learned_on_hf_folders(tmp_path):
                    mlp / f"{name}.pt")
     bad = tmp_path / "bad"
     assert main(["align", str(mlp / "a.pt"), str(mlp / "b.pt"), "--method", "learned", "--out", str(bad), "--quiet"]) == 2
+    assert main(["align", str(mlp / "a.pt"), str(mlp / "b.pt"), "--method", "learned", "--learn-from", "generated", "--out", str(bad),
+                 "--quiet"]) == 2
+    assert main(["align", str(folder / "a"), str(folder / "b"), "--learn-from", "generated", "--out", str(bad), "--quiet"]) == 2
     assert not bad.exists()
+
+
+def test_cli_learned_from_generated_windows(tmp_path, capsys):
+    """``--learn-from generated``: no text is read for learning (windows sampled from A and B, recorded in the
+    report); the aligned B still computes B's logits and carries A's gains."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_models import VOCAB, build
+
+    folder = tmp_path / "in"
+    for seed, name in ((0, "a"), (1, "b")):
+        build("llama-mqa-untied", seed=seed).save_pretrained(folder / name)
+    out = tmp_path / "learned"
+    assert main(["align", str(folder / "a"), str(folder / "b"), "--method", "learned", "--learn-from", "generated",
+                 "--learn-steps", "30", "--out", str(out), "--quiet", "--points", "3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    windows = report["learned"]["windows"]
+    assert windows["source"] == "generated" and windows["count"] >= 2 and windows["tokens"] >= 2
+    assert report["learned"]["best_midpoint_loss"] <= report["learned"]["start_midpoint_loss"]
+    b = AutoModelForCausalLM.from_pretrained(folder / "b")
+    aligned = AutoModelForCausalLM.from_pretrained(out / "aligned_model")
+    tokens = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lb, la = b(tokens).logits.double(), aligned(tokens).logits.double()
+    assert float((la - lb).abs().max() / lb.abs().max()) <= 1e-5
