@@ -7,7 +7,8 @@ config, training settings and seeds. Every setting runs the align job (:func:`al
 default evaluation, the same for every setting: byte windows of the held-out second half of the text.
 
 Settings: naive; ``--stream permutation``; ``--stream signed``; ``--stream orthogonal``; ``--method
-activations``; ``--method learned``; and for Mixtral the signed stream (compare with ``signed``) with the expert
+activations``; ``--method learned``; ``--method learned --learn-from generated`` (fitted on windows sampled from A
+and B themselves: no text read for the alignment); and for Mixtral the signed stream (compare with ``signed``) with the expert
 permutations fixed at the identity (the job has no switch for it, so the library is called directly: ``weight_matching(...,
 fixed={expert factors: identity})`` on the job's own Spec, task and probe). A setting the job refuses records
 its message (``--method`` values the job does not know: "not available"); a setting that later lands is picked
@@ -59,6 +60,7 @@ JOB_SETTINGS = {
     "orthogonal": {"stream": "orthogonal"},
     "activations": {"method": "activations"},
     "learned": {"method": "learned"},
+    "learned-generated": {"method": "learned", "learn_from": "generated"},
 }
 SETTINGS = ("naive", *JOB_SETTINGS, "experts-fixed")
 ACCEPT, GOAL = 0.3, 0.17
@@ -238,6 +240,8 @@ def run_job(family: str, pair: int, setting: str, a: Path, b: Path, budget: Budg
         kwargs["max_tokens"] = ALL_TOKENS
     if budget.learn_steps is not None and "learn_steps" in inspect.signature(align).parameters:
         kwargs["learn_steps"] = budget.learn_steps
+    if "learn_from" in kwargs and "learn_from" not in inspect.signature(align).parameters:
+        return failed_row(family, pair, setting, "not available", "the align job has no learn_from")
     try:
         report = align(a, b, out, n_points=budget.points, progress=False, overwrite=True, **kwargs)
     except UsageError as exc:

@@ -39,6 +39,7 @@ def test_quick_run_writes_a_row_per_setting(tmp_path, monkeypatch):
     assert by[("gpt2", "orthogonal")]["status"] == "refused" and "tied" in by[("gpt2", "orthogonal")]["message"]
     for family in lm_lmc.FAMILIES:  # learned matching is recorded, whether it exists yet or not
         assert by[(family, "learned")]["status"] in ("ok", "not available")
+        assert by[(family, "learned-generated")]["status"] == "ok", by[(family, "learned-generated")]
 
     # models are cached complete (no staging folders left) and reused by a rerun
     folders = sorted(p.name for p in cache.iterdir())
