@@ -8,7 +8,32 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+LM_SETTINGS = ("permutation", "signed", "orthogonal", "activations", "learned", "learned-generated")
+
+
+def lm_lmc_table(files: list[str]) -> None:
+    """One row per family and pair of experiments/lm_lmc.py results: loss barrier (aligned / naive) per setting."""
+    print("| family | pair | naive | permutation | signed | orthogonal (data-free) | activations | learned | learned, generated windows |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in files:
+        rows = json.loads((RESULTS / name).read_text())["rows"]
+        for family, pair in dict.fromkeys((r["family"], r["pair"]) for r in rows):
+            by = {r["setting"]: r for r in rows if r["family"] == family and r["pair"] == pair}
+            cells = []
+            for setting in LM_SETTINGS:
+                r = by.get(setting)
+                if r is None:
+                    cells.append("–")
+                elif r["status"] != "ok":
+                    cells.append(r["status"] + (" (tied)" if setting == "orthogonal" and "tied" in r.get("message", "") else ""))
+                else:
+                    cells.append(f"{r['aligned']:.3f} ({r['ratio']:.2f})")
+            print(f"| {family} | {pair} | {by['naive']['naive']:.3f} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
+    lm_lmc_table([f"lm_lmc_bpe2048_{f}.json" for f in ("gpt2_untied", "llama", "mixtral", "gpt2")])
+    print()
     r = json.loads((RESULTS / "mlp_width.json").read_text())["rows"]
     print("| data | width | test acc A / B | loss barrier: naive | weights | activations | acc. barrier: naive | weights | activations |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -224,7 +224,7 @@ def test_budgets_must_be_positive(mlps, capsys):
     for flag in ("--max-samples", "--max-tokens"):
         with pytest.raises(SystemExit) as exc:
             main(["align", str(pa), str(pb), "--data", str(folder), flag, "0"])
-        assert exc.value.code == 2 and "positive integer" in capsys.readouterr().err
+        assert exc.value.code == 2 and f"{flag}: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_the_data_folder_is_protected_like_an_input(mlps, capsys):
