@@ -124,22 +124,28 @@ def test_learned_refuses_bad_arguments():
         learned_matching(spec, model, a, a, windows[:1], init=identity)
 
 
-def test_cli_learned_on_hf_folders(tmp_path):
-    """``symm align --method learned``: untied Llama folders, orthogonal stream by default; the aligned B loads,
-    computes B's logits and carries A's gains; the report records the learning; state dicts exit 2."""
-    from transformers import AutoModelForCausalLM
-
-    from hf_models import VOCAB, build
+def _learned_on_llama_folders(tmp_path, *options: str) -> tuple:
+    """``symm align --method learned OPTIONS`` on two untied Llama folders: (input folder, output folder, report)."""
+    from hf_models import build
 
     folder = tmp_path / "in"
     for seed, name in ((0, "a"), (1, "b")):
         build("llama-mqa-untied", seed=seed).save_pretrained(folder / name)
     out = tmp_path / "learned"
-    assert main(["align", str(folder / "a"), str(folder / "b"), "--method", "learned", "--learn-steps", "40", "--out", str(out),
+    assert main(["align", str(folder / "a"), str(folder / "b"), "--method", "learned", *options, "--out", str(out),
                  "--quiet", "--points", "3"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "learned" and report["stream"] == "orthogonal"
     assert report["learned"]["best_midpoint_loss"] <= report["learned"]["start_midpoint_loss"]
+    return folder, out, report
+
+
+def _check_aligned_folder(folder, out) -> None:
+    """The written aligned B loads with from_pretrained, computes B's logits and carries A's norm gains exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_models import VOCAB
+
     a = AutoModelForCausalLM.from_pretrained(folder / "a")
     b = AutoModelForCausalLM.from_pretrained(folder / "b")
     aligned = AutoModelForCausalLM.from_pretrained(out / "aligned_model")
@@ -149,39 +155,35 @@ def test_cli_learned_on_hf_folders(tmp_path):
     assert float((la - lb).abs().max() / lb.abs().max()) <= 1e-5
     sa, sb = a.state_dict(), aligned.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa if k.endswith("norm.weight"))
+
+
+def test_cli_learned_on_hf_folders(tmp_path, capsys):
+    """``symm align --method learned``: untied Llama folders, orthogonal stream by default; the aligned B loads,
+    computes B's logits and carries A's gains; the report records the learning; bad combinations exit 2 with
+    nothing written."""
+    folder, out, report = _learned_on_llama_folders(tmp_path, "--learn-steps", "40")
+    assert report["learned"]["windows"]["source"] == "text"
+    _check_aligned_folder(folder, out)
     mlp = tmp_path / "mlp"
     mlp.mkdir()
     for name in ("a", "b"):
         torch.save({"0.weight": torch.randn(8, 64), "0.bias": torch.randn(8), "2.weight": torch.randn(10, 8), "2.bias": torch.randn(10)},
                    mlp / f"{name}.pt")
     bad = tmp_path / "bad"
+    capsys.readouterr()
     assert main(["align", str(mlp / "a.pt"), str(mlp / "b.pt"), "--method", "learned", "--out", str(bad), "--quiet"]) == 2
     assert main(["align", str(mlp / "a.pt"), str(mlp / "b.pt"), "--method", "learned", "--learn-from", "generated", "--out", str(bad),
                  "--quiet"]) == 2
+    assert "needs causal language models" in capsys.readouterr().err
     assert main(["align", str(folder / "a"), str(folder / "b"), "--learn-from", "generated", "--out", str(bad), "--quiet"]) == 2
+    assert "does nothing with --method weights" in capsys.readouterr().err
     assert not bad.exists()
 
 
-def test_cli_learned_from_generated_windows(tmp_path, capsys):
+def test_cli_learned_from_generated_windows(tmp_path):
     """``--learn-from generated``: no text is read for learning (windows sampled from A and B, recorded in the
     report); the aligned B still computes B's logits and carries A's gains."""
-    from transformers import AutoModelForCausalLM
-
-    from hf_models import VOCAB, build
-
-    folder = tmp_path / "in"
-    for seed, name in ((0, "a"), (1, "b")):
-        build("llama-mqa-untied", seed=seed).save_pretrained(folder / name)
-    out = tmp_path / "learned"
-    assert main(["align", str(folder / "a"), str(folder / "b"), "--method", "learned", "--learn-from", "generated",
-                 "--learn-steps", "30", "--out", str(out), "--quiet", "--points", "3"]) == 0
-    report = json.loads((out / "report.json").read_text())
+    folder, out, report = _learned_on_llama_folders(tmp_path, "--learn-from", "generated", "--learn-steps", "30")
     windows = report["learned"]["windows"]
     assert windows["source"] == "generated" and windows["count"] >= 2 and windows["tokens"] >= 2
-    assert report["learned"]["best_midpoint_loss"] <= report["learned"]["start_midpoint_loss"]
-    b = AutoModelForCausalLM.from_pretrained(folder / "b")
-    aligned = AutoModelForCausalLM.from_pretrained(out / "aligned_model")
-    tokens = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        lb, la = b(tokens).logits.double(), aligned(tokens).logits.double()
-    assert float((la - lb).abs().max() / lb.abs().max()) <= 1e-5
+    _check_aligned_folder(folder, out)
