@@ -22,6 +22,10 @@ def lm_lmc_table(files: list[str]) -> None:
             cells = []
             for setting in LM_SETTINGS:
                 r = by.get(setting)
+                untied = by.get("untied-orthogonal")
+                if setting == "orthogonal" and untied is not None and untied["status"] == "ok":  # tied: after `symm untie`
+                    cells.append(f"{untied['aligned']:.3f} ({untied['ratio']:.2f}), untied copies")
+                    continue
                 if r is None:
                     cells.append("–")
                 elif r["status"] != "ok":
@@ -32,7 +36,10 @@ def lm_lmc_table(files: list[str]) -> None:
 
 
 def main() -> None:
-    lm_lmc_table([f"lm_lmc_bpe2048_{f}.json" for f in ("gpt2_untied", "llama", "mixtral", "gpt2")])
+    families = ("gpt2_untied", "llama", "mixtral", "gpt2")
+    lm_lmc_table([f"lm_lmc_bpe2048_{f}.json" for f in families])  # the cosine recipe (default)
+    print()
+    lm_lmc_table([f"lm_lmc_bpe2048_constant_{f}.json" for f in families])  # --recipe constant
     print()
     r = json.loads((RESULTS / "mlp_width.json").read_text())["rows"]
     print("| data | width | test acc A / B | loss barrier: naive | weights | activations | acc. barrier: naive | weights | activations |")

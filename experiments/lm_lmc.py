@@ -14,11 +14,14 @@ fixed={expert factors: identity})`` on the job's own Spec, task and probe). A se
 its message (``--method`` values the job does not know: "not available"); a setting that later lands is picked
 up without changes here.
 
+Tied GPT-2 also gets ``untied-orthogonal``: both models untied by ``symm untie`` (same functions), then data-free
+weight matching with the orthogonal stream.
+
 ``gpt2-untied`` is GPT-2 with an untied LM head, Theus et al.'s setting, where the orthogonal LayerNorm stream
 exists (the issue's tied GPT-2 admits no continuous stream group).
 
 Usage: .venv/bin/python experiments/lm_lmc.py [--steps 2000] [--pairs 2] [--families llama gpt2 mixtral gpt2-untied]
-[--cache DIR] [--quick]. Writes results/lm_lmc.json and results/lm_lmc.png (or into ``--out``).
+[--cache DIR] [--vocab N] [--recipe cosine|constant] [--quick]. Writes results/lm_lmc.json and results/lm_lmc.png (or into ``--out``).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ JOB_SETTINGS = {
     "learned": {"method": "learned"},
     "learned-generated": {"method": "learned", "learn_from": "generated"},
 }
-SETTINGS = ("naive", *JOB_SETTINGS, "experts-fixed")
+SETTINGS = ("naive", *JOB_SETTINGS, "experts-fixed", "untied-orthogonal")
 ACCEPT, GOAL = 0.3, 0.17
 DATA_NOTE = ("training: byte windows of the first half of the shipped Shakespeare plays; barrier: the align job's "
              "default evaluation (held-out windows of the second half), the same for every setting")
@@ -87,12 +90,21 @@ class Sizes:
 
 @dataclass(frozen=True)
 class Training:
-    """AdamW settings of :func:`symm.train.train_lm` and the training windows (first half of the text)."""
+    """AdamW settings of :func:`symm.train.train_lm` and the training windows (first half of the text). The default
+    is the usual LM recipe (weight decay 0.1, linear warm-up, cosine decay to 0); ``--recipe constant`` is the one
+    of the earlier results (no weight decay, constant learning rate)."""
 
     steps: int = 2000
     batch: int = 16
     lr: float = 2e-3
     windows: int = 16384
+    weight_decay: float = 0.1
+    warmup: int = 100
+    schedule: str = "cosine"
+
+
+#: ``--recipe constant``: the training of the results before the cosine recipe (its cache keys are unchanged)
+CONSTANT_RECIPE = {"weight_decay": 0.0, "warmup": 0, "schedule": "constant"}
 
 
 @dataclass(frozen=True)
@@ -104,7 +116,7 @@ class Budget:
     learn_steps: int | None = None
 
 
-QUICK = (Sizes(d=16, layers=1, heads=2, kv_heads=1, ff=32, expert_ff=16, seq=32), Training(steps=30, batch=8, windows=512), Budget(points=3, learn_steps=10))
+QUICK = (Sizes(d=16, layers=1, heads=2, kv_heads=1, ff=32, expert_ff=16, seq=32), Training(steps=30, batch=8, windows=512, warmup=5), Budget(points=3, learn_steps=10))
 
 
 def config_for(family: str, s: Sizes):
@@ -132,11 +144,13 @@ def seeds(pair: int, member: int) -> tuple[int, int]:
 
 def model_key(family: str, s: Sizes, t: Training, init_seed: int, data_seed: int) -> str:
     """Cache key: family, a hash of the config and training settings, and the seeds."""
-    sizes = asdict(s)
+    sizes, training = asdict(s), asdict(t)
     if sizes["vocab"] == 256:  # bytes: the keys of models trained before --vocab existed
         del sizes["vocab"]
+    if all(training[k] == v for k, v in CONSTANT_RECIPE.items()):  # the keys of models trained before the recipe fields
+        training = {k: v for k, v in training.items() if k not in CONSTANT_RECIPE}
     blob = json.dumps({"config": config_for(family, s).to_diff_dict() | {"transformers_version": None},
-                       "sizes": sizes, "training": asdict(t)}, sort_keys=True)
+                       "sizes": sizes, "training": training}, sort_keys=True)
     return f"{family}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}-init{init_seed}-data{data_seed}"
 
 
@@ -192,7 +206,8 @@ def train_model(family: str, s: Sizes, t: Training, tokens: TokenSplit, init_see
     torch.manual_seed(init_seed)
     model = AutoModelForCausalLM.from_config(config_for(family, s))
     t0 = time.perf_counter()
-    train_lm(model, tokens.train, steps=t.steps, batch_size=t.batch, lr=t.lr, seed=data_seed, progress=False)
+    train_lm(model, tokens.train, steps=t.steps, batch_size=t.batch, lr=t.lr, weight_decay=t.weight_decay, warmup=t.warmup,
+             schedule=t.schedule, seed=data_seed, progress=False)
     info = {"family": family, "init_seed": init_seed, "data_seed": data_seed, "train_s": time.perf_counter() - t0,
             "test_loss": heldout_loss(model, tokens), "parameters": sum(p.numel() for p in model.parameters())}
     stage = Path(tempfile.mkdtemp(prefix=f".stage-{folder.name}-", dir=cache))
@@ -279,6 +294,22 @@ def run_experts_fixed(family: str, pair: int, a_path: Path, b_path: Path, budget
     return row_from_report(family, pair, "experts-fixed", report)
 
 
+def run_untied(family: str, pair: int, a: Path, b: Path, budget: Budget, work: Path) -> dict:
+    """Tied models: ``symm untie`` both (same functions, LM head a copy of the embedding), then data-free weight
+    matching with the orthogonal stream on the untied copies (the naive barrier is the tied pair's)."""
+    from symm.untie import untie
+
+    copies = [work / f"{family}-{pair}-{name}-untied" for name in ("A", "B")]
+    try:
+        for src, dst in zip((a, b), copies):
+            untie(src, dst)
+        row = run_job(family, pair, "orthogonal", *copies, budget, work)
+    finally:
+        for c in copies:
+            shutil.rmtree(c, ignore_errors=True)
+    return row | {"setting": "untied-orthogonal"}
+
+
 def naive_row(family: str, pair: int, rows: list[dict]) -> dict:
     """The naive barrier of the pair (the same in every report: same models, same evaluation)."""
     naive = next((r["naive"] for r in rows if r["status"] == "ok"), None)
@@ -294,6 +325,9 @@ def run_pair(family: str, pair: int, folders: tuple[Path, Path], budget: Budget,
     if family == "mixtral":
         rows.append(run_experts_fixed(family, pair, *folders, budget))
         print(f"  {family} pair {pair} experts-fixed: {short(rows[-1])}", flush=True)
+    if family == "gpt2":  # tied: the orthogonal stream after an explicit untie
+        rows.append(run_untied(family, pair, *folders, budget, work))
+        print(f"  {family} pair {pair} untied-orthogonal: {short(rows[-1])}", flush=True)
     return [naive_row(family, pair, rows), *rows]
 
 
@@ -347,6 +381,20 @@ def plot(rows: list[dict], families: list[str], path: Path, quiet: bool = False)
         print(f"wrote {path}")
 
 
+def sizes_and_training(quick: bool, width: int | None, vocab: int | None, steps: int | None, recipe: str) -> tuple[Sizes, Training]:
+    """The model sizes and training settings of the command-line options (also read by lm_lmc_objective.py)."""
+    sizes, training = (QUICK[0], QUICK[1]) if quick else (Sizes(), Training())
+    if steps is not None:
+        training = Training(**(asdict(training) | {"steps": steps}))
+    if recipe == "constant":
+        training = Training(**(asdict(training) | CONSTANT_RECIPE))
+    if width is not None:
+        sizes = Sizes(**(asdict(sizes) | {"d": width, "ff": 3 * width, "expert_ff": 3 * width // 2}))
+    if vocab is not None:
+        sizes = Sizes(**(asdict(sizes) | {"vocab": vocab}))
+    return sizes, training
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="trained-model cache (default ~/.cache/symm/lm_lmc)")
@@ -354,6 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=None, help="pairs (seeds) per family (default 2; --quick 1)")
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     p.add_argument("--points", type=int, default=None, help="barrier grid points (default 7; --quick 3)")
+    p.add_argument("--recipe", choices=("cosine", "constant"), default="cosine", help="training: weight decay 0.1, warm-up "
+                   "and cosine decay (default), or no weight decay at a constant learning rate (the earlier results)")
     p.add_argument("--quick", action="store_true", help="tiny models, a few dozen steps (smoke test)")
     p.add_argument("--width", type=int, default=None, help="model width d (default 64; MLP 3d, experts 1.5d)")
     p.add_argument("--vocab", type=int, default=None, help="256: bytes (default); larger: a byte-level BPE tokenizer of that "
@@ -370,15 +420,10 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
-    sizes, training, budget = QUICK if args.quick else (Sizes(), Training(), Budget())
-    if args.steps is not None:
-        training = Training(**(asdict(training) | {"steps": args.steps}))
-    if args.width is not None:
-        sizes = Sizes(**(asdict(sizes) | {"d": args.width, "ff": 3 * args.width, "expert_ff": 3 * args.width // 2}))
+    sizes, training = sizes_and_training(args.quick, args.width, args.vocab, args.steps, args.recipe)
+    budget = QUICK[2] if args.quick else Budget()
     if args.points is not None:
         budget = Budget(**(asdict(budget) | {"points": args.points}))
-    if args.vocab is not None:
-        sizes = Sizes(**(asdict(sizes) | {"vocab": args.vocab}))
     pairs = args.pairs if args.pairs is not None else (1 if args.quick else 2)
     tokens, tokenizer = training_tokens(sizes, training, args.cache)
     rows, models = [], []

@@ -11,7 +11,7 @@ If the learned solution sits farther from A in weights than the data-free one wh
 lower, better data-free solvers of that distance cannot reach it: the distance is the wrong objective at this scale.
 
 Usage: .venv/bin/python experiments/lm_lmc_objective.py [--families llama gpt2-untied mixtral] [--pair 0]
-[--cache DIR] [--width 64] [--steps 2000] [--vocab 256] [--quick]. Writes results/lm_lmc_objective.json (or into ``--out``).
+[--cache DIR] [--width 64] [--steps 2000] [--vocab 256] [--recipe cosine|constant] [--quick]. Writes results/lm_lmc_objective.json (or into ``--out``).
 """
 
 from __future__ import annotations
@@ -92,24 +92,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--recipe", choices=("cosine", "constant"), default="cosine", help="the training recipe of the models (lm_lmc.py --recipe)")
     p.add_argument("--points", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="the tiny models of lm_lmc.py --quick, 10 learned steps (smoke test)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     quiet_logs()
     torch.set_num_threads(1)
-    sizes, training = (lm_lmc.QUICK[0], lm_lmc.QUICK[1]) if args.quick else (lm_lmc.Sizes(), lm_lmc.Training())
+    sizes, training = lm_lmc.sizes_and_training(args.quick, args.width, args.vocab, args.steps, args.recipe)
     points, learn_steps = (3, 10) if args.quick else (args.points, 1000)
-    if args.width is not None:
-        sizes = lm_lmc.Sizes(**(asdict(sizes) | {"d": args.width, "ff": 3 * args.width, "expert_ff": 3 * args.width // 2}))
-    if args.vocab is not None:
-        sizes = lm_lmc.Sizes(**(asdict(sizes) | {"vocab": args.vocab}))
-    if args.steps is not None:
-        training = lm_lmc.Training(**(asdict(training) | {"steps": args.steps}))
     rows = [r for family in args.families for r in run_family(family, args.pair, sizes, training, args.cache, points, learn_steps)]
     payload = {"rows": rows, "sizes": asdict(sizes), "training": asdict(training), "pair": args.pair}
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if sizes.vocab == 256 else f"_bpe{sizes.vocab}"
+    suffix = ("" if sizes.vocab == 256 else f"_bpe{sizes.vocab}") + ("_constant" if args.recipe == "constant" else "")
     path = atomic_write_text(args.out / f"lm_lmc_objective{suffix}.json", json.dumps(payload, indent=2) + "\n")
     print(table([{k: r[k] for k in ("family", "variant", "naive", "aligned", "ratio", "folded_distance")} for r in rows],
                 ["family", "variant", "naive", "aligned", "ratio", "folded_distance"]))

@@ -1,4 +1,5 @@
-"""Command line: ``symm demo``, ``symm align``, ``symm merge``, ``symm describe``, ``symm laws``, ``symm zoo`` and ``symm metanet``.
+"""Command line: ``symm demo``, ``symm align``, ``symm merge``, ``symm describe``, ``symm untie``, ``symm laws``, ``symm zoo`` and
+``symm metanet``.
 
 Every failure ends with one line ``symm: error: ...`` and exit status 2 (130 on Ctrl-C), never a traceback
 (``-v`` logs it).
@@ -145,6 +146,17 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     print(describe_blocks(spec))
     if args.verbose:
         print(describe(spec))
+    return 0
+
+
+def _cmd_untie(args: argparse.Namespace) -> int:
+    from .untie import untie
+
+    if args.quiet:
+        _quiet_libraries()
+    report = untie(args.source, args.out)
+    print(f"wrote {report['out']}: {report['lm_head']} is now a copy of {report['embedding']} (tie_word_embeddings false); "
+          f"logits unchanged (relative difference {report['logits_difference']:.1e})")
     return 0
 
 
@@ -302,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--activation", choices=ACTIVATIONS, help="activation of a bare dense chain (relu adds scaling; default: unknown, permutations only)"
     )
     describe.set_defaults(func=_cmd_describe)
+
+    untie_p = sub.add_parser("untie", help="write an untied copy of a tied checkpoint (LM head = a copy of the embedding): "
+                             "the same function, and the orthogonal residual stream of `symm align` applies to it")
+    untie_p.add_argument("source", help="a Hugging Face folder with tied embeddings (never modified)")
+    untie_p.add_argument("out", help="the new folder to write (must not exist)")
+    untie_p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    untie_p.set_defaults(func=_cmd_untie)
 
     laws = sub.add_parser("laws", help="list the conservation laws of gradient flow that a model's symmetries imply")
     laws.add_argument("target", help="`verify` (train and check, options below), or a Hugging Face folder or config.json, a state dict, or a reference model name (e.g. mlp-relu, attention-rope, moe-softmax) to list its laws")

@@ -38,8 +38,8 @@ ROLES = ("gain", "bias", "reader", "writer", "other", "refuse")
 TIED_MESSAGE = (
     "tied embeddings: the embedding is both the first stream writer and (through the final norm's gain) the last "
     "reader, and a general orthogonal O of the stream survives only if O diag(g) O^T is diagonal; the orthogonal "
-    "stream is refused for tied models (use the signed permutations of the catalogue, or untie the checkpoint "
-    "explicitly)"
+    "stream is refused for tied models (use the signed permutations of the catalogue, or untie both checkpoints "
+    "explicitly: `symm untie A A-untied`, same function)"
 )
 LAYERNORM_MESSAGE = "norm bias {name!r} in a family whose rules expect RMSNorm (no norm biases)"
 

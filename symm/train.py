@@ -1,8 +1,9 @@
-"""A small, deterministic classifier training loop (used by the demo, tests and experiments)."""
+"""Small, deterministic training loops (classifiers and LMs) used by the demo, tests and experiments."""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 
 import torch
@@ -12,6 +13,8 @@ from tqdm.auto import tqdm
 from .evaluate import functional
 
 log = logging.getLogger(__name__)
+
+SCHEDULES = ("constant", "cosine")
 
 
 def train_classifier(
@@ -53,6 +56,15 @@ def evaluate_classifier(model: nn.Module, params: Mapping[str, torch.Tensor], x:
     return loss, acc
 
 
+def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at ``step``: linear warm-up over ``warmup`` steps, then constant or a
+    cosine decay to 0 at ``steps`` (lr_k = lr * min(1, (k+1)/warmup) * (1 + cos(pi k / steps)) / 2)."""
+    ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    if schedule == "constant":
+        return ramp
+    return ramp * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+
 def train_lm(
     model: nn.Module,
     windows: torch.Tensor,
@@ -61,12 +73,20 @@ def train_lm(
     batch_size: int = 32,
     lr: float = 3e-3,
     weight_decay: float = 0.0,
+    warmup: int = 0,
+    schedule: str = "constant",
     seed: int = 0,
     progress: bool = True,
 ) -> nn.Module:
-    """AdamW on next-token cross-entropy over ``windows`` (n, T+1); works for our LMs and transformers models."""
+    """AdamW on next-token cross-entropy over ``windows`` (n, T+1); works for our LMs and transformers models.
+    ``schedule``: ``"constant"`` or ``"cosine"`` (to 0 at the last step), after ``warmup`` linear warm-up steps."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, steps, warmup, schedule))
     model.train()
     bar = tqdm(range(steps), desc=f"train LM seed={seed}", disable=not progress, leave=False)
     for _ in bar:
@@ -78,6 +98,7 @@ def train_lm(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return model

@@ -26,7 +26,7 @@ def test_quick_run_writes_a_row_per_setting(tmp_path, monkeypatch):
     rows = payload["rows"]
     for family in lm_lmc.FAMILIES:
         settings = [r["setting"] for r in rows if r["family"] == family]
-        expected = [s for s in lm_lmc.SETTINGS if s != "experts-fixed" or family == "mixtral"]
+        expected = [s for s in lm_lmc.SETTINGS if (s != "experts-fixed" or family == "mixtral") and (s != "untied-orthogonal" or family == "gpt2")]
         assert settings == expected, family
         naive = [r["naive"] for r in rows if r["family"] == family and r["status"] == "ok"]
         assert naive and all(math.isfinite(x) and x >= 0 for x in naive), family
@@ -37,6 +37,7 @@ def test_quick_run_writes_a_row_per_setting(tmp_path, monkeypatch):
     assert by[("mixtral", "experts-fixed")]["status"] == "ok"
     assert by[("gpt2-untied", "orthogonal")]["status"] == "ok"  # the untied LayerNorm stream rotates
     assert by[("gpt2", "orthogonal")]["status"] == "refused" and "tied" in by[("gpt2", "orthogonal")]["message"]
+    assert by[("gpt2", "untied-orthogonal")]["status"] == "ok" and by[("gpt2", "untied-orthogonal")]["stream"] == "orthogonal"
     for family in lm_lmc.FAMILIES:  # learned matching is recorded, whether it exists yet or not
         assert by[(family, "learned")]["status"] in ("ok", "not available")
         assert by[(family, "learned-generated")]["status"] == "ok", by[(family, "learned-generated")]
@@ -68,3 +69,22 @@ def test_quick_bpe_run_evaluates_every_setting_on_the_same_windows(tmp_path, mon
     assert len(naive) >= 5 and max(naive) - min(naive) < 1e-9
     folders = [p for p in cache.iterdir() if p.name.startswith("mixtral-")]
     assert len(folders) == 2 and all((f / "tokenizer.json").is_file() for f in folders)
+
+
+def test_recipes_have_their_own_cache_keys_and_constant_keeps_the_earlier_ones(monkeypatch):
+    """Models of the earlier results (no weight decay, constant learning rate) keep their keys; the cosine recipe
+    (the default) gets new ones, so neither reads the other's models."""
+    import hashlib
+    from dataclasses import asdict
+
+    lm_lmc = _load_script(monkeypatch)
+    sizes = lm_lmc.Sizes(vocab=2048)
+    cosine = lm_lmc.Training()
+    constant = lm_lmc.Training(**(asdict(cosine) | lm_lmc.CONSTANT_RECIPE))
+    assert (cosine.weight_decay, cosine.schedule) == (0.1, "cosine")
+    earlier = {"steps": constant.steps, "batch": constant.batch, "lr": constant.lr, "windows": constant.windows}
+    blob = json.dumps({"config": lm_lmc.config_for("llama", sizes).to_diff_dict() | {"transformers_version": None},
+                       "sizes": asdict(sizes), "training": earlier}, sort_keys=True)
+    assert lm_lmc.model_key("llama", sizes, constant, 0, 1000) == f"llama-{hashlib.sha256(blob.encode()).hexdigest()[:12]}-init0-data1000"
+    assert lm_lmc.model_key("llama", sizes, cosine, 0, 1000) != lm_lmc.model_key("llama", sizes, constant, 0, 1000)
+    assert lm_lmc.parse_args(["--recipe", "constant"]).recipe == "constant" and lm_lmc.parse_args([]).recipe == "cosine"
