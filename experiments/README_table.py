@@ -32,7 +32,8 @@ def lm_lmc_table(files: list[str]) -> None:
                     cells.append(r["status"] + (" (tied)" if setting == "orthogonal" and "tied" in r.get("message", "") else ""))
                 else:
                     cells.append(f"{r['aligned']:.3f} ({r['ratio']:.2f})")
-            print(f"| {family} | {pair} | {by['naive']['naive']:.3f} | " + " | ".join(cells) + " |")
+            label = "gpt2 (tied)" if family == "gpt2" else family
+            print(f"| {label} | {pair} | {by['naive']['naive']:.3f} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:

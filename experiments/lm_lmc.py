@@ -371,7 +371,7 @@ def plot(rows: list[dict], families: list[str], path: Path, quiet: bool = False)
     ax.set_ylim(0, 1.35 * max(top, 1.0))  # room for the legend above the bars
     ax.set_xticks(range(len(families)), families)
     ax.set_ylabel("loss barrier, aligned / naive")
-    ax.set_title("LMC of independently trained byte-level LMs (held-out Shakespeare)")
+    ax.set_title("LMC of independently trained small LMs (held-out Shakespeare)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=4, loc="upper center")
     fig.tight_layout()
