@@ -133,3 +133,30 @@ def test_kill_leaves_nothing_or_the_complete_copy(tmp_path, stage):
         assert main(["untie", str(tied), str(out), "--quiet"]) == 0  # the next run cleans up and succeeds
         assert torch.equal(_logits(out), _logits(tied))
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".symm-stage")]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_rmsnorm_families_untie_and_take_the_orthogonal_stream(tmp_path, family):
+    """Tied RMSNorm decoders (Llama, Gemma with its scaled embedding): the untied copies keep the logits and the
+    orthogonal stream aligns them to B's function."""
+    from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from aligners.job import align
+
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "gemma": (GemmaConfig, GemmaForCausalLM)}[family]
+    copies = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = model_cls(config_cls(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, max_position_embeddings=64))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(0.3 * torch.randn_like(p))
+        model.save_pretrained(tmp_path / f"m{seed}")
+        report = untie(tmp_path / f"m{seed}", tmp_path / f"m{seed}-untied")
+        assert report["logits_difference"] == 0.0
+        assert torch.equal(_logits(tmp_path / f"m{seed}"), _logits(tmp_path / f"m{seed}-untied"))
+        copies.append(tmp_path / f"m{seed}-untied")
+    aligned = align(*copies, tmp_path / "out", stream="orthogonal", barrier="none", progress=False)
+    assert aligned["stream"] == "orthogonal" and aligned["function_check"]["max_relative_error"] <= 1e-5
