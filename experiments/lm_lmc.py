@@ -14,8 +14,8 @@ fixed={expert factors: identity})`` on the job's own Spec, task and probe). A se
 its message (``--method`` values the job does not know: "not available"); a setting that later lands is picked
 up without changes here.
 
-Tied GPT-2 also gets ``untied-orthogonal``: both models untied by ``symm untie`` (same functions), then data-free
-weight matching with the orthogonal stream.
+Tied GPT-2 (and ``llama-tied``, on request: Llama trained with tied embeddings) also gets ``untied-orthogonal``: both
+models untied by ``symm untie`` (same functions), then data-free weight matching with the orthogonal stream.
 
 ``gpt2-untied`` is GPT-2 with an untied LM head, Theus et al.'s setting, where the orthogonal LayerNorm stream
 exists (the issue's tied GPT-2 admits no continuous stream group).
@@ -56,6 +56,10 @@ from symm.train import train_lm
 from symm.user_data import SEQ_LEN, folder_tokenizer_tokens
 
 FAMILIES = ("llama", "gpt2", "mixtral", "gpt2-untied")
+#: on request (``--families``): Llama trained with tied embeddings (like Llama 3.2 1B / 3B), aligned on untied copies
+EXTRA_FAMILIES = ("llama-tied",)
+#: families trained with tied embeddings: they also get ``untied-orthogonal``
+TIED = ("gpt2", "llama-tied")
 #: align-job settings: name -> keyword arguments of :func:`aligners.job.align`
 JOB_SETTINGS = {
     "permutation": {"stream": "permutation"},
@@ -126,15 +130,15 @@ def config_for(family: str, s: Sizes):
     positions = max(s.seq, SEQ_LEN)  # the align job evaluates windows of SEQ_LEN tokens
     common = dict(vocab_size=s.vocab, hidden_size=s.d, num_hidden_layers=s.layers, num_attention_heads=s.heads,
                   num_key_value_heads=s.kv_heads, max_position_embeddings=positions, tie_word_embeddings=False)
-    if family == "llama":
-        return LlamaConfig(intermediate_size=s.ff, **common)
+    if family in ("llama", "llama-tied"):
+        return LlamaConfig(intermediate_size=s.ff, **(common | {"tie_word_embeddings": family == "llama-tied"}))
     if family == "mixtral":
         return MixtralConfig(intermediate_size=s.expert_ff, num_local_experts=s.experts, num_experts_per_tok=s.top_k, **common)
     if family in ("gpt2", "gpt2-untied"):  # untied: Theus et al.'s setting (their GPT-2s never tie)
         return GPT2Config(vocab_size=s.vocab, n_embd=s.d, n_layer=s.layers, n_head=s.heads, n_inner=s.ff, n_positions=positions,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
                           tie_word_embeddings=family == "gpt2")
-    raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+    raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES + EXTRA_FAMILIES)}")
 
 
 def seeds(pair: int, member: int) -> tuple[int, int]:
@@ -325,7 +329,7 @@ def run_pair(family: str, pair: int, folders: tuple[Path, Path], budget: Budget,
     if family == "mixtral":
         rows.append(run_experts_fixed(family, pair, *folders, budget))
         print(f"  {family} pair {pair} experts-fixed: {short(rows[-1])}", flush=True)
-    if family == "gpt2":  # tied: the orthogonal stream after an explicit untie
+    if family in TIED:  # tied: the orthogonal stream after an explicit untie
         rows.append(run_untied(family, pair, *folders, budget, work))
         print(f"  {family} pair {pair} untied-orthogonal: {short(rows[-1])}", flush=True)
     return [naive_row(family, pair, rows), *rows]
@@ -400,7 +404,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="trained-model cache (default ~/.cache/symm/lm_lmc)")
     p.add_argument("--steps", type=int, default=None, help="AdamW steps per model (default 2000; --quick 30)")
     p.add_argument("--pairs", type=int, default=None, help="pairs (seeds) per family (default 2; --quick 1)")
-    p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    p.add_argument("--families", nargs="+", choices=FAMILIES + EXTRA_FAMILIES, default=list(FAMILIES),
+                   help=f"default: {' '.join(FAMILIES)}; also {' '.join(EXTRA_FAMILIES)}")
     p.add_argument("--points", type=int, default=None, help="barrier grid points (default 7; --quick 3)")
     p.add_argument("--recipe", choices=("cosine", "constant"), default="cosine", help="training: weight decay 0.1, warm-up "
                    "and cosine decay (default), or no weight decay at a constant learning rate (the earlier results)")

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
@@ -88,3 +90,16 @@ def test_recipes_have_their_own_cache_keys_and_constant_keeps_the_earlier_ones(m
     assert lm_lmc.model_key("llama", sizes, constant, 0, 1000) == f"llama-{hashlib.sha256(blob.encode()).hexdigest()[:12]}-init0-data1000"
     assert lm_lmc.model_key("llama", sizes, cosine, 0, 1000) != lm_lmc.model_key("llama", sizes, constant, 0, 1000)
     assert lm_lmc.parse_args(["--recipe", "constant"]).recipe == "constant" and lm_lmc.parse_args([]).recipe == "cosine"
+
+
+def test_quick_tied_llama_is_aligned_on_untied_copies(tmp_path, monkeypatch):
+    """llama-tied (on request): trained tied; the orthogonal stream is refused on it and applies to its untied copies,
+    on the same naive path."""
+    lm_lmc = _load_script(monkeypatch)
+    payload = lm_lmc.main(["--quick", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--families", "llama-tied"])
+    by = {r["setting"]: r for r in payload["rows"]}
+    assert by["orthogonal"]["status"] == "refused" and "symm untie" in by["orthogonal"]["message"]
+    assert by["untied-orthogonal"]["status"] == "ok" and by["untied-orthogonal"]["stream"] == "orthogonal"
+    assert by["untied-orthogonal"]["naive"] == pytest.approx(by["permutation"]["naive"], rel=1e-9)
+    configs = [json.loads((p / "config.json").read_text()) for p in (tmp_path / "cache").iterdir()]
+    assert len(configs) == 2 and all(c["tie_word_embeddings"] for c in configs), "the cached models stay tied"
