@@ -62,6 +62,7 @@ def untied_model(model: nn.Module) -> nn.Module:
     state[head_key] = state[embed_key].clone()
     cls = auto_class(config)
     new = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    new = new.to(next(model.parameters()).dtype)  # the checkpoint's own dtype (from_config builds the default one)
     new.load_state_dict(state, strict=True)
     if new.get_output_embeddings().weight.data_ptr() == new.get_input_embeddings().weight.data_ptr():
         raise CheckpointError(f"{type(model).__name__}: the LM head stays tied with tie_word_embeddings false")

@@ -160,3 +160,16 @@ def test_rmsnorm_families_untie_and_take_the_orthogonal_stream(tmp_path, family)
         copies.append(tmp_path / f"m{seed}-untied")
     aligned = align(*copies, tmp_path / "out", stream="orthogonal", barrier="none", progress=False)
     assert aligned["stream"] == "orthogonal" and aligned["function_check"]["max_relative_error"] <= 1e-5
+
+
+def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
+    """The copy keeps the checkpoint's dtype (no silent float32 up-cast doubling the files) and its logits."""
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=32)).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    untie(tmp_path / "bf16", tmp_path / "u")
+    weights = load_file(tmp_path / "u" / "model.safetensors")
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert torch.equal(_logits(tmp_path / "bf16"), _logits(tmp_path / "u"))
