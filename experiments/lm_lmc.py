@@ -237,6 +237,51 @@ def heldout_loss(model, tokens: TokenSplit) -> float:
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
 
 
+@dataclass
+class CachedPair:
+    """A trained pair read back from the cache, with the align job's Spec and evaluation (its held-out windows)."""
+
+    a: object  # Checkpoint
+    b: object
+    spec: object
+    task: object
+    pa: dict  # A's and B's parameters in the evaluation dtype
+    pb: dict
+    dtype: torch.dtype
+
+
+def cached_pair(family: str, pair: int, s: Sizes, t: Training, cache: Path) -> CachedPair:
+    """Pair ``pair`` of ``family`` from the cache (exits with a clear message if it is not trained yet)."""
+    folders = [cache / model_key(family, s, t, *seeds(pair, m)) for m in (0, 1)]
+    missing = [str(f) for f in folders if not (f / "train.json").is_file()]
+    if missing:
+        raise SystemExit(f"not trained yet: {', '.join(missing)}; run experiments/lm_lmc.py with the same sizes first")
+    a, b = load_checkpoint(folders[0]), load_checkpoint(folders[1])
+    max_tokens = ALL_TOKENS if (folders[0] / "tokenizer.json").is_file() else None  # the job's evaluation windows (run_job)
+    spec, task, _ = resolve(a, b, None, None, max_tokens=max_tokens)
+    dtype = eval_dtype(b.params)
+    return CachedPair(a, b, spec, task, cast(a.params, dtype), cast(b.params, dtype), dtype)
+
+
+def add_cached_pair_args(p: argparse.ArgumentParser, families: list[str]) -> None:
+    """The options of the studies that read this script's cache (lm_lmc_objective.py, lm_lmc_blocks.py): which
+    pair, and the sizes / training that key it."""
+    p.add_argument("--families", nargs="+", default=families, choices=[f for f in FAMILIES if f != "gpt2"])
+    p.add_argument("--pair", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=None)
+    p.add_argument("--recipe", choices=("cosine", "constant"), default="cosine", help="the training recipe of the models (lm_lmc.py --recipe)")
+    p.add_argument("--quick", action="store_true", help="the tiny models of lm_lmc.py --quick, 10 learned steps (smoke test)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+
+
+def results_suffix(sizes: Sizes, recipe: str) -> str:
+    """``_bpe<vocab>`` for BPE models, ``_constant`` for the constant recipe: the result file names of the studies."""
+    return ("" if sizes.vocab == 256 else f"_bpe{sizes.vocab}") + ("_constant" if recipe == "constant" else "")
+
+
 def row_from_report(family: str, pair: int, setting: str, report: dict) -> dict:
     naive, aligned = report["loss_barrier"]["naive"], report["loss_barrier"]["aligned"]
     return {"family": family, "pair": pair, "setting": setting, "status": "ok", "naive": naive, "aligned": aligned,

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS, quiet_logs, table
+from _common import quiet_logs, table
 from aligners.barrier import naive_vs_aligned
-from aligners.job import cast, eval_dtype, load_checkpoint, orthogonal_layout, resolve
+from aligners.job import cast, orthogonal_layout
 from aligners.learned import learned_matching
 from aligners.orthogonal_stream import OrthogonalMatch, match_orthogonal, relative_distance
 from symm.folding import fold
@@ -51,15 +51,8 @@ def folded_distance(match: OrthogonalMatch, pa, pb) -> float:
 
 def run_family(family: str, pair: int, sizes: lm_lmc.Sizes, training: lm_lmc.Training, cache: Path, points: int,
                learn_steps: int = 1000) -> list[dict]:
-    folders = [cache / lm_lmc.model_key(family, sizes, training, *lm_lmc.seeds(pair, m)) for m in (0, 1)]
-    missing = [str(f) for f in folders if not (f / "train.json").is_file()]
-    if missing:
-        raise SystemExit(f"not trained yet: {', '.join(missing)}; run experiments/lm_lmc.py with the same sizes first")
-    a, b = load_checkpoint(folders[0]), load_checkpoint(folders[1])
-    max_tokens = lm_lmc.ALL_TOKENS if (folders[0] / "tokenizer.json").is_file() else None
-    spec, task, _ = resolve(a, b, None, None, max_tokens=max_tokens)
-    dtype = eval_dtype(b.params)
-    pa, pb = cast(a.params, dtype), cast(b.params, dtype)
+    c = lm_lmc.cached_pair(family, pair, sizes, training, cache)
+    a, b, spec, task, pa, pb, dtype = c.a, c.b, c.spec, c.task, c.pa, c.pb, c.dtype
     layout = orthogonal_layout(a, pa)
     rows: list[dict] = []
 
@@ -86,16 +79,8 @@ def run_family(family: str, pair: int, sizes: lm_lmc.Sizes, training: lm_lmc.Tra
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", nargs="+", default=["llama", "gpt2-untied", "mixtral"], choices=[f for f in lm_lmc.FAMILIES if f != "gpt2"])
-    p.add_argument("--pair", type=int, default=0)
-    p.add_argument("--cache", type=Path, default=lm_lmc.DEFAULT_CACHE)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=None)
-    p.add_argument("--recipe", choices=("cosine", "constant"), default="cosine", help="the training recipe of the models (lm_lmc.py --recipe)")
+    lm_lmc.add_cached_pair_args(p, ["llama", "gpt2-untied", "mixtral"])
     p.add_argument("--points", type=int, default=7)
-    p.add_argument("--quick", action="store_true", help="the tiny models of lm_lmc.py --quick, 10 learned steps (smoke test)")
-    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     quiet_logs()
     torch.set_num_threads(1)
@@ -104,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [r for family in args.families for r in run_family(family, args.pair, sizes, training, args.cache, points, learn_steps)]
     payload = {"rows": rows, "sizes": asdict(sizes), "training": asdict(training), "pair": args.pair}
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = ("" if sizes.vocab == 256 else f"_bpe{sizes.vocab}") + ("_constant" if args.recipe == "constant" else "")
+    suffix = lm_lmc.results_suffix(sizes, args.recipe)
     path = atomic_write_text(args.out / f"lm_lmc_objective{suffix}.json", json.dumps(payload, indent=2) + "\n")
     print(table([{k: r[k] for k in ("family", "variant", "naive", "aligned", "ratio", "folded_distance")} for r in rows],
                 ["family", "variant", "naive", "aligned", "ratio", "folded_distance"]))
