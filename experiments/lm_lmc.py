@@ -21,7 +21,8 @@ models untied by ``symm untie`` (same functions), then data-free weight matching
 exists (the issue's tied GPT-2 admits no continuous stream group).
 
 Usage: .venv/bin/python experiments/lm_lmc.py [--steps 2000] [--pairs 2] [--families llama gpt2 mixtral gpt2-untied]
-[--cache DIR] [--vocab N] [--recipe cosine|constant] [--quick]. Writes results/lm_lmc.json and results/lm_lmc.png (or into ``--out``).
+[--cache DIR] [--vocab N] [--width 64] [--kv-heads 2] [--recipe cosine|constant] [--quick]. Writes results/lm_lmc.json and
+results/lm_lmc.png (or into ``--out``).
 """
 
 from __future__ import annotations
@@ -270,6 +271,7 @@ def add_cached_pair_args(p: argparse.ArgumentParser, families: list[str]) -> Non
     p.add_argument("--pair", type=int, default=0)
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--recipe", choices=("cosine", "constant"), default="cosine", help="the training recipe of the models (lm_lmc.py --recipe)")
@@ -430,7 +432,8 @@ def plot(rows: list[dict], families: list[str], path: Path, quiet: bool = False)
         print(f"wrote {path}")
 
 
-def sizes_and_training(quick: bool, width: int | None, vocab: int | None, steps: int | None, recipe: str) -> tuple[Sizes, Training]:
+def sizes_and_training(quick: bool, width: int | None, vocab: int | None, steps: int | None, recipe: str,
+                       kv_heads: int | None = None) -> tuple[Sizes, Training]:
     """The model sizes and training settings of the command-line options (also read by lm_lmc_objective.py)."""
     sizes, training = (QUICK[0], QUICK[1]) if quick else (Sizes(), Training())
     if steps is not None:
@@ -441,6 +444,10 @@ def sizes_and_training(quick: bool, width: int | None, vocab: int | None, steps:
         sizes = Sizes(**(asdict(sizes) | {"d": width, "ff": 3 * width, "expert_ff": 3 * width // 2}))
     if vocab is not None:
         sizes = Sizes(**(asdict(sizes) | {"vocab": vocab}))
+    if kv_heads is not None:
+        if kv_heads < 1 or sizes.heads % kv_heads:
+            raise SystemExit(f"--kv-heads must divide the {sizes.heads} attention heads, got {kv_heads}")
+        sizes = Sizes(**(asdict(sizes) | {"kv_heads": kv_heads}))
     return sizes, training
 
 
@@ -456,6 +463,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "and cosine decay (default), or no weight decay at a constant learning rate (the earlier results)")
     p.add_argument("--quick", action="store_true", help="tiny models, a few dozen steps (smoke test)")
     p.add_argument("--width", type=int, default=None, help="model width d (default 64; MLP 3d, experts 1.5d)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads of Llama and Mixtral (default 2 of 4: GQA; 4: none)")
     p.add_argument("--vocab", type=int, default=None, help="256: bytes (default); larger: a byte-level BPE tokenizer of that "
                    "many tokens trained on the training half, saved with each model")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of lm_lmc.json and lm_lmc.png")
@@ -470,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(1)
-    sizes, training = sizes_and_training(args.quick, args.width, args.vocab, args.steps, args.recipe)
+    sizes, training = sizes_and_training(args.quick, args.width, args.vocab, args.steps, args.recipe, args.kv_heads)
     budget = QUICK[2] if args.quick else Budget()
     if args.points is not None:
         budget = Budget(**(asdict(budget) | {"points": args.points}))

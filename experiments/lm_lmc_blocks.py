@@ -16,7 +16,7 @@ one started from it (:func:`aligners.learned.learned_matching`):
   and for every layer.
 
 Usage: .venv/bin/python experiments/lm_lmc_blocks.py [--families llama mixtral] [--pair 0] [--cache DIR]
-[--width 64] [--steps 2000] [--vocab 2048] [--recipe cosine|constant] [--quick]. Writes results/lm_lmc_blocks.json
+[--width 64] [--kv-heads 2] [--steps 2000] [--vocab 2048] [--recipe cosine|constant] [--quick]. Writes results/lm_lmc_blocks.json
 (or into ``--out``).
 """
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     quiet_logs()
     torch.set_num_threads(1)
-    sizes, training = lm_lmc.sizes_and_training(args.quick, args.width, args.vocab, args.steps, args.recipe)
+    sizes, training = lm_lmc.sizes_and_training(args.quick, args.width, args.vocab, args.steps, args.recipe, args.kv_heads)
     results = [run_family(f, args.pair, sizes, training, args.cache, 10 if args.quick else 1000) for f in args.families]
     payload = {"results": results, "sizes": asdict(sizes), "training": asdict(training), "pair": args.pair}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ If the learned solution sits farther from A in weights than the data-free one wh
 lower, better data-free solvers of that distance cannot reach it: the distance is the wrong objective at this scale.
 
 Usage: .venv/bin/python experiments/lm_lmc_objective.py [--families llama gpt2-untied mixtral] [--pair 0]
-[--cache DIR] [--width 64] [--steps 2000] [--vocab 256] [--recipe cosine|constant] [--quick]. Writes results/lm_lmc_objective.json (or into ``--out``).
+[--cache DIR] [--width 64] [--kv-heads 2] [--steps 2000] [--vocab 256] [--recipe cosine|constant] [--quick]. Writes results/lm_lmc_objective.json (or into ``--out``).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     quiet_logs()
     torch.set_num_threads(1)
-    sizes, training = lm_lmc.sizes_and_training(args.quick, args.width, args.vocab, args.steps, args.recipe)
+    sizes, training = lm_lmc.sizes_and_training(args.quick, args.width, args.vocab, args.steps, args.recipe, args.kv_heads)
     points, learn_steps = (3, 10) if args.quick else (args.points, 1000)
     rows = [r for family in args.families for r in run_family(family, args.pair, sizes, training, args.cache, points, learn_steps)]
     payload = {"rows": rows, "sizes": asdict(sizes), "training": asdict(training), "pair": args.pair}

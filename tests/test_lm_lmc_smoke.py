@@ -137,3 +137,14 @@ def test_block_of_names_the_block_of_each_parameter(monkeypatch):
         "transformer.ln_f.weight": "head",
     }
     assert {k: blocks.block_of(k) for k in expected} == expected
+
+
+def test_kv_heads_option_keys_its_own_models_and_refuses_a_non_divisor(monkeypatch):
+    lm_lmc = _load_script(monkeypatch)
+    gqa, training = lm_lmc.sizes_and_training(False, None, 2048, None, "cosine")
+    full, _ = lm_lmc.sizes_and_training(False, None, 2048, None, "cosine", kv_heads=4)
+    assert (gqa.kv_heads, full.kv_heads) == (2, 4)
+    assert lm_lmc.config_for("llama", full).num_key_value_heads == 4
+    assert lm_lmc.model_key("llama", gqa, training, 0, 1000) != lm_lmc.model_key("llama", full, training, 0, 1000)
+    with pytest.raises(SystemExit, match="--kv-heads must divide"):
+        lm_lmc.sizes_and_training(False, None, 2048, None, "cosine", kv_heads=3)
