@@ -6,8 +6,8 @@ one started from it (:func:`aligners.learned.learned_matching`):
 
 - the excess loss of the midpoint, loss((A + aligned B) / 2) - (loss(A) + loss(B)) / 2, on the align job's
   held-out windows;
-- per block (embedding; per layer its attention and its MLP / MoE, each with the norm in front; final norm and LM
-  head): the excess loss when **only** that block is interpolated (the rest kept at A), and when **all but** that
+- per block (the catalogue's: each attention layer, each MLP / MoE layer, and each tensor only the residual stream
+  acts on: embeddings, norms, LM head): the excess loss when **only** that block is interpolated (the rest kept at A), and when **all but** that
   block are;
 - per MLP unit factor the activations can hook (the dense MLPs): the mean correlation of each unit of A with its
   best-correlated unit of B on the training windows, the share of units for which data-free weight matching and
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -34,6 +34,7 @@ import torch
 from _common import quiet_logs, table
 from aligners.activation_matching import collect_activations, decide_from_activations
 from aligners.job import cast, orthogonal_layout
+from aligners.layerwise import blocks
 from aligners.learned import learned_matching
 from aligners.orthogonal_stream import OrthogonalMatch, match_orthogonal, stream_factors
 from aligners.weight_matching import weight_matching
@@ -43,33 +44,34 @@ from symm.io import atomic_write_text
 import lm_lmc
 
 Params = Mapping[str, torch.Tensor]
-LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.(\w+)")
-ATTENTION = {"self_attn", "attn", "input_layernorm", "ln_1"}
 
 
-def block_of(name: str) -> str:
-    """The block of a parameter: ``embedding``, ``layer i attention`` (with its norm), ``layer i mlp`` (MLP or MoE,
-    with its norm) or ``head`` (final norm, LM head)."""
-    m = LAYER.search(name)
-    if m:
-        return f"layer {m.group(1)} {'attention' if m.group(2) in ATTENTION else 'mlp'}"
-    if "embed" in name or ".wte." in name or ".wpe." in name:
-        return "embedding"
-    return "head"
+def spec_blocks(spec, stream: list[str]) -> dict[str, str]:
+    """parameter -> its block: the catalogue's components of parameters that share a factor other than the stream's
+    (:func:`aligners.layerwise.blocks`: an attention layer, an MLP or MoE layer, or a tensor only the stream acts on,
+    such as the embedding, a norm or the LM head), named by the dotted prefix its parameters share."""
+    out: dict[str, str] = {}
+    for group in blocks(spec, stream):
+        parts = [p.split(".") for p in group]
+        prefix = os.path.commonprefix(parts) if len(group) > 1 else parts[0][:-1]
+        name = ".".join(prefix) or group[0]
+        while name in out.values():  # two components under one prefix stay apart
+            name += "'"
+        out.update(dict.fromkeys(group, name))
+    return out
 
 
 def excess(evaluate: Callable[[Params], tuple[float, float]], params: Params, reference: float) -> float:
     return evaluate(params)[0] - reference
 
 
-def block_losses(evaluate, pa: Params, aligned: Params, reference: float) -> dict:
+def block_losses(evaluate, pa: Params, aligned: Params, block: Mapping[str, str], reference: float) -> dict:
     """Midpoint excess loss, and per block with only that block interpolated / all but that block."""
     mid = {k: 0.5 * (pa[k] + aligned[k]) if torch.is_floating_point(pa[k]) else pa[k] for k in pa}
-    blocks = sorted({block_of(k) for k in pa}, key=lambda b: (b != "embedding", b == "head", b))
     out = {"midpoint": excess(evaluate, mid, reference), "blocks": {}}
-    for blk in blocks:
-        only = {k: (mid[k] if block_of(k) == blk else pa[k]) for k in pa}
-        all_but = {k: (pa[k] if block_of(k) == blk else mid[k]) for k in pa}
+    for blk in dict.fromkeys(block[k] for k in pa):  # in the spec's order
+        only = {k: (mid[k] if block[k] == blk else pa[k]) for k in pa}
+        all_but = {k: (pa[k] if block[k] == blk else mid[k]) for k in pa}
         out["blocks"][blk] = {"only": excess(evaluate, only, reference), "all_but": excess(evaluate, all_but, reference)}
     return out
 
@@ -108,9 +110,10 @@ def run_family(family: str, pair: int, sizes, training, cache: Path, learn_steps
     reference = 0.5 * (task.evaluate(pa)[0] + task.evaluate(pb)[0])
     start = match_orthogonal(spec, layout, pa, pb)
     learned = learned_matching(spec, task.model, pa, pb, task.windows, init=start.g, layout=layout, O=start.O, steps=learn_steps)
+    block = spec_blocks(spec, stream_factors(spec, layout))
     result = {"family": family, "pair": pair, "endpoint_mean_loss": reference}
     for name, match in (("data-free", start), ("learned", OrthogonalMatch(spec, layout, learned.O, learned.g, start.gains))):
-        result[name] = block_losses(task.evaluate, pa, cast(match(b.params), dtype), reference)
+        result[name] = block_losses(task.evaluate, pa, cast(match(b.params), dtype), block, reference)
         print(f"  {family} {name}: midpoint excess {result[name]['midpoint']:.3f}", flush=True)
     result["units"] = unit_correspondence(spec, task, layout, pa, pb, start, reference, dtype)
     return result
