@@ -2,7 +2,9 @@
 factor; what activations do not decide (continuous factors, translations) is then solved by weight matching with
 these fixed.
 
-- units (MLP neurons, conv channels): the Pearson correlation of the output channels of their module;
+- units (MLP neurons, conv channels): the Pearson correlation of the output channels of their module; gated units
+  (SwiGLU, whose gate rows carry neither the scaling nor the sign) are read where they are consumed, the input of
+  the down projection, ``silu(gate) * up``; units with a sign child are assigned on |corr|, signed by the matched entry;
 - residual streams (a permutation named ``*stream``, read through norms): the correlation of every norm's output
   channels times the sign of that model's gain (the normalised stream, up to positive scales), averaged over the
   norms (signed streams: assignment on |corr|, the sign of the matched entry);
@@ -47,6 +49,27 @@ def hookable_factors(spec: Spec, model: nn.Module) -> dict[str, str]:
             full = spec.params[pname].shape[0] == f.count
             if axis == 0 and offset == 0 and on.side == "out" and full and pname.endswith(".weight") and isinstance(module, (nn.Linear, nn.Conv2d)):
                 out[name] = pname.rsplit(".", 1)[0]
+                break
+    return out
+
+
+def unit_hooks(spec: Spec, model: nn.Module) -> dict[str, str]:
+    """factor -> where its units' values are read: the producing module's output (:func:`hookable_factors`), or
+    ``"in:<consumer>"``, the input of the Linear that consumes them, when the producer does not carry the units' whole
+    group (SwiGLU: the gate rows carry neither the scaling nor the sign; ``silu(gate) * up`` does)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name, producer in hookable_factors(spec, model).items():
+        children = {n for n, f in spec.factors.items() if f.parent == name and not f.batch}
+        on_producer = {on.factor for _, _, seg in spec.params[f"{producer}.weight"].segments() for on in seg.acts}
+        out[name] = producer
+        if children <= on_producer:
+            continue
+        for pname, axis, offset, on in spec.uses(name):
+            owner = pname.rsplit(".", 1)[0]
+            full = spec.params[pname].shape[-1] == spec.factors[name].count
+            if axis == 1 and offset == 0 and on.side == "in" and full and pname.endswith(".weight") and isinstance(modules.get(owner), nn.Linear):
+                out[name] = "in:" + owner
                 break
     return out
 
@@ -176,7 +199,7 @@ def collect_activations(
     spec: Spec, model: nn.Module, params_a, params_b, inputs: torch.Tensor, batch_size: int = 256, progress: bool = True
 ) -> Activations:
     """One pass over ``inputs`` through A and B with hooks on unit modules, norms and output projections."""
-    units, streams, heads = hookable_factors(spec, model), stream_hooks(spec, model), head_hooks(spec, model)
+    units, streams, heads = unit_hooks(spec, model), stream_hooks(spec, model), head_hooks(spec, model)
     modules = dict(model.named_modules())
     unit_m = {f: _Moments() for f in units}
     stream_m = {(f, m): _Moments() for f, ms in streams.items() for m in ms}
@@ -184,9 +207,10 @@ def collect_activations(
     head_c = {f: _Covariance() for f in heads}
     captured: dict[str, torch.Tensor] = {}
     handles = [modules[m].register_forward_hook(lambda mod, inp, out, key=m: captured.__setitem__(key, _channels(out, mod)))
-               for m in set(units.values()) | {m for ms in streams.values() for m in ms}]
+               for m in {m for m in units.values() if not m.startswith("in:")} | {m for ms in streams.values() for m in ms}]
+    consumers = {m.removeprefix("in:") for m in units.values() if m.startswith("in:")} | set(heads.values())
     handles += [modules[m].register_forward_pre_hook(lambda mod, inp, key=m: captured.__setitem__("in:" + key, inp[0].reshape(-1, inp[0].shape[-1])))
-                for m in set(heads.values())]
+                for m in consumers]
     f_model = functional(model)
     try:
         for start in tqdm(range(0, len(inputs), batch_size), desc="activations", disable=not progress, leave=False):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import SpecError
-from .factors import Factor, HeadPermutation, Translation
+from .factors import Factor, HeadPermutation, PositiveScaling, SignFlip, Translation
 
 if TYPE_CHECKING:
     from .spec import On, ParamSpec, Spec
@@ -109,13 +109,14 @@ def _check_on(spec: "Spec", name: str, ps: "ParamSpec", axis: int, size: int, on
 
 
 def _check_chain(spec: "Spec", name: str, axis: int, acts: tuple["On", ...]) -> None:
-    """Factors sharing a segment must nest (each a descendant of the next); unbatched children sit with their parent."""
+    """Factors sharing a segment must nest (each a descendant of the next), except diagonal siblings (a scaling and a
+    sign of one permutation's units: they commute); unbatched children sit with their parent."""
     names = [on.factor for on in acts]
     if len(set(names)) != len(names):
         raise SpecError(f"parameter {name!r} axis {axis}: a factor is listed twice on one segment: {names}")
     for a in names:
         for b in names:
-            if a < b and a not in _ancestors(spec, b) and b not in _ancestors(spec, a):
+            if a < b and a not in _ancestors(spec, b) and b not in _ancestors(spec, a) and not _diagonal_siblings(spec, a, b):
                 raise SpecError(
                     f"parameter {name!r} axis {axis}: factors {a!r} and {b!r} share a segment but neither is the "
                     "other's parent; declare the continuous factor with parent=<the permutation>"
@@ -126,6 +127,12 @@ def _check_chain(spec: "Spec", name: str, axis: int, acts: tuple["On", ...]) -> 
             raise SpecError(
                 f"parameter {name!r} axis {axis}: factor {a!r} acts without its parent {f.parent!r} on the same segment"
             )
+
+
+def _diagonal_siblings(spec: "Spec", a: str, b: str) -> bool:
+    """Two per-unit diagonal factors (scaling, sign) of the same parent: elementwise, so they commute."""
+    fa, fb = spec.factors[a], spec.factors[b]
+    return fa.parent is not None and fa.parent == fb.parent and isinstance(fa, (PositiveScaling, SignFlip)) and isinstance(fb, (PositiveScaling, SignFlip))
 
 
 def _check_shift(spec: "Spec", name: str, ps: "ParamSpec", shift) -> None:

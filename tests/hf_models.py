@@ -97,7 +97,7 @@ def family_configs() -> dict:
         "gemma2": Gemma2Config(head_dim=8, sliding_window=5, query_pre_attn_scalar=8, **small, **ids),
         "gemma3": Gemma3TextConfig(
             head_dim=8, sliding_window=5, query_pre_attn_scalar=8, final_logit_softcapping=5.0, attn_logit_softcapping=10.0,
-            layer_types=["sliding_attention", "full_attention"], **small, **ids,
+            layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-7, **small, **ids,  # per-head QK-norm: eps as for "qwen3-moe"
         ),
         # routed experts with QK-norm (OLMoE: over all heads, like OLMo2; Qwen3-MoE: per head, like Qwen3)
         "olmoe": OlmoeConfig(num_experts=4, num_experts_per_tok=2, **{**small, "intermediate_size": 24}, **ids),

@@ -40,7 +40,7 @@ def test_mlp_without_bias_and_deeper(make_case, check_preserved, activation, bia
     [
         ("relu", 48, {"permutation", "positive-scaling"}),
         ("leaky_relu", 48, {"permutation", "positive-scaling"}),
-        ("swiglu", 48, {"permutation", "positive-scaling"}),
+        ("swiglu", 48, {"permutation", "positive-scaling", "sign-flip"}),
         ("tanh", 0, {"permutation", "sign-flip"}),
         ("gelu", 0, {"permutation"}),
         ("silu", 0, {"permutation"}),
@@ -57,8 +57,27 @@ def test_mlp_group_dimension(activation, dimension, kinds):
 def test_swiglu_scaling_sits_on_up_rows_not_gate_rows():
     spec = spec_for(MLPConfig((64, 32, 10), "swiglu"))
     on = lambda p: {o.factor for seg in spec.params[p].axes[0] for o in seg.acts}  # noqa: E731
-    assert on("layers.0.up.weight") == {"layers.0.units", "layers.0.units.scale"}
+    assert on("layers.0.up.weight") == {"layers.0.units", "layers.0.units.scale", "layers.0.units.sign"}
     assert on("layers.0.gate.weight") == {"layers.0.units"}
+
+
+def test_swiglu_sign_flip_of_up_and_down_preserves_and_of_gate_breaks(make_case):
+    """silu(B x) * (A x): negating A's row and C's column is a symmetry (the up branch is linear); negating B's row
+    and C's column is not (silu is not odd)."""
+    case = make_case(MLPConfig((64, 32, 10), "swiglu"), torch.float64)
+    signs = case.spec.factors_of_kind(SignFlip)
+    assert signs == ["layers.0.units.sign"]
+    for seed in range(5):
+        g = GroupElement.sample(case.spec, seed, only=signs)
+        assert not g.is_identity()
+        assert testing.invariance_error(case.f, case.spec, case.params, g) < 1e-10
+    s = torch.ones(32, dtype=torch.float64)
+    s[::3] = -1.0
+    gate_flipped = dict(case.params)
+    for k in ("layers.0.gate.weight", "layers.0.gate.bias"):
+        gate_flipped[k] = case.params[k] * s.reshape(-1, *([1] * (case.params[k].dim() - 1)))
+    gate_flipped["layers.1.weight"] = case.params["layers.1.weight"] * s
+    testing.assert_not_invariant(case.f, case.params, gate_flipped)
 
 
 # ----- negative controls ------------------------------------------------------------------------------

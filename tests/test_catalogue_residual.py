@@ -102,7 +102,7 @@ def test_stream_permuted_without_a_reader_breaks(make_case):
 
 def _stream_scaled_spec(c: ResidualMLPConfig) -> Spec:
     """The residual MLP with a per-unit positive scaling added to the stream (a wrong symmetry under LayerNorm)."""
-    s = Units(Permutation("stream", c.d_model), PositiveScaling("stream.scale", c.d_model, parent="stream"))
+    s = Units(Permutation("stream", c.d_model), (PositiveScaling("stream.scale", c.d_model, parent="stream"),))
     frag = Fragment.of(s.factors) + linear("embed", c.d_model, c.d_in, s.out(), None)
     for i in range(c.n_blocks):
         if c.norm:

@@ -435,10 +435,11 @@ def test_moe_qk_norm_family_groups():
     assert _kinds(qwen3_moe, "model.layers.0.self_attn") == {
         "heads": "head-permutation", "vo": "general-linear", "q_scale": "norm-scale", "k_scale": "norm-scale", "qk_gain": "positive-scaling",
     }
-    routed = {"gate.shift": "translation", "experts": "permutation", "expert_units": "permutation", "expert_units.scale": "positive-scaling"}
+    routed = {"gate.shift": "translation", "experts": "permutation", "expert_units": "permutation", "expert_units.scale": "positive-scaling",
+              "expert_units.sign": "sign-flip"}
     for spec, layer in ((olmoe, 0), (olmoe, 1), (qwen3_moe, 0)):
         assert _kinds(spec, f"model.layers.{layer}.mlp") == routed, (spec.name, layer)
-    assert _kinds(qwen3_moe, "model.layers.1.mlp") == {"units": "permutation", "units.scale": "positive-scaling"}  # mlp_only_layers
+    assert _kinds(qwen3_moe, "model.layers.1.mlp") == {"units": "permutation", "units.scale": "positive-scaling", "units.sign": "sign-flip"}  # mlp_only_layers
     step = spec_from_hf(family_configs()["qwen3-moe-step"])  # decoder_sparse_step=2: layer 0 dense, layer 1 routed
     assert "model.layers.0.mlp.gate_proj.weight" in step.params and "model.layers.1.mlp.experts.gate_up_proj" in step.params
     assert not any("shared_expert" in k for k in step.params)

@@ -2,16 +2,19 @@
 factors solved in closed form.
 
 Invariants per query head h: Q_h^T K_g(h) (scores) and V_g(h)^T O_h (value-output map), both unchanged by
-Q -> M Q, K -> M^{-T} K and V -> F V, O -> F^{-T} O. Similarities are Frobenius inner products computed from
-d_h x d_h cross-Grams, never forming the d x d matrices.
+Q -> M Q, K -> M^{-T} K and V -> F V, O -> F^{-T} O; under RoPE, conj(q_p)^T k_p per frequency pair p (the
+rotation-scalings act pair by pair, and pair p of A can only meet pair p of B). Similarities are Frobenius inner
+products computed from d_h x d_h cross-Grams (per-pair inner products under RoPE), never forming d x d matrices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from symm.element import GroupElement
-from symm.factors import GeneralLinear, HeadPermutation, RotationScaling
+from symm.factors import Factor, GeneralLinear, HeadPermutation, RotationScaling
 from symm.factors.linear import pairs_view
 from symm.views import group_gram, role_blocks
 
@@ -29,8 +32,30 @@ def _pair_similarity(xa: torch.Tensor, xb: torch.Tensor, ya: torch.Tensor, yb: t
     return cross / (na.clamp_min(1e-300).sqrt().unsqueeze(1) * nb.clamp_min(1e-300).sqrt().unsqueeze(0))
 
 
-def head_scores(factor: HeadPermutation, a: dict, b: dict) -> torch.Tensor:
-    """(H, H) similarity of query heads of A and B from the Q/K and V/O invariants (X_out^T X_in per child)."""
+def _rope_pair_similarity(factor: RotationScaling, xa, xb, ya, yb) -> torch.Tensor:
+    """sum_p Re <conj(q_p)^T k_p of A, the same of B>_F over RoPE frequency pairs p, normalised (cosine).
+
+    With q_p, k_p the complex rows of pair p (q = a + ib), a rotation-scaling z per pair maps q_p -> z q_p and
+    k_p -> k_p / conj(z): conj(q_p)^T k_p is invariant, pair by pair. Finer than Q^T K = sum_p Re conj(q_p)^T k_p,
+    which mixes the frequencies: pair p of A can only meet pair p of B. Computed from per-pair inner products:
+    <conj(q^A)^T k^A, conj(q^B)^T k^B> = (q^A . conj(q^B))^* (k^A . conj(k^B)).
+    """
+
+    def pairs(x: torch.Tensor) -> torch.Tensor:  # (units, d_h, features) -> (units, features, d_h / 2) complex
+        return torch.view_as_complex(pairs_view(x.transpose(-1, -2), factor.dim, factor.layout).contiguous())
+
+    qa, qb, ka, kb = (pairs(x) for x in (xa, xb, ya, yb))
+    qq = torch.einsum("ixp,jxp->ijp", qa.conj(), qb)
+    kk = torch.einsum("iyp,jyp->ijp", ka, kb.conj())
+    cross = (qq * kk).sum(-1).real
+    na = (qa.abs().pow(2).sum(1) * ka.abs().pow(2).sum(1)).sum(-1)
+    nb = (qb.abs().pow(2).sum(1) * kb.abs().pow(2).sum(1)).sum(-1)
+    return cross / (na.clamp_min(1e-300).sqrt().unsqueeze(1) * nb.clamp_min(1e-300).sqrt().unsqueeze(0))
+
+
+def head_scores(factor: HeadPermutation, a: dict, b: dict, children: Mapping[str, Factor] | None = None) -> torch.Tensor:
+    """(H, H) similarity of query heads of A and B from the Q/K and V/O invariants (X_out^T X_in per child; per
+    frequency pair for a RoPE rotation-scaling child, given ``children``: name -> factor)."""
     r = factor.heads_per_group
     score = torch.zeros(factor.count, factor.count, dtype=torch.float64)
     for child in sorted({c for c, _ in a}):
@@ -43,7 +68,11 @@ def head_scores(factor: HeadPermutation, a: dict, b: dict) -> torch.Tensor:
             xa, xb = xa.repeat_interleave(r, 0), xb.repeat_interleave(r, 0)
         if ya.shape[0] == factor.groups and factor.groups != factor.count:
             ya, yb = ya.repeat_interleave(r, 0), yb.repeat_interleave(r, 0)
-        score += _pair_similarity(xa, xb, ya, yb)
+        kind = (children or {}).get(child)
+        if isinstance(kind, RotationScaling) and xa.shape[1] == kind.dim:
+            score += _rope_pair_similarity(kind, xa, xb, ya, yb)
+        else:
+            score += _pair_similarity(xa, xb, ya, yb)
     return score
 
 
@@ -119,7 +148,8 @@ def head_step(state: MatchState, name: str, within: bool = True) -> bool:
     factor = spec.factors[name]
     moved = False
     if state.free(name):
-        score = head_scores(factor, role_blocks(spec, state.a, name), role_blocks(spec, state.b, name))
+        children = {c: spec.factors[c] for c in state.children(name)}
+        score = head_scores(factor, role_blocks(spec, state.a, name), role_blocks(spec, state.b, name), children)
         sigma = grouped_assignment(score, factor.groups, state.backend)
         if not factor.is_identity(sigma):
             state.apply(GroupElement.identity(spec).replace(**{name: sigma}), [name])

@@ -76,46 +76,56 @@ def batched_descendants(state: MatchState, name: str) -> set[str]:
     return out
 
 
-def _expert_rows(state: MatchState, params: dict, pname: str, unit_axis: int, inner: set[str]) -> list[torch.Tensor]:
-    """``(E, I, features)`` per segment carrying an inner (batched) permutation with batch axis ``unit_axis``."""
+def _expert_rows(state: MatchState, params: dict, pname: str, unit_axis: int, inner: set[str]) -> list[tuple[bool, torch.Tensor]]:
+    """``(signed, (E, I, features))`` per segment carrying an inner (batched) permutation with batch axis ``unit_axis``;
+    ``signed``: the segment also carries the units' sign flips (SwiGLU up rows and down columns)."""
     out = []
     for axis, offset, seg in state.spec.params[pname].segments():
         if any(on.factor in inner and on.batch_axis == unit_axis for on in seg.acts):
             part = params[pname].narrow(axis, offset, seg.size).movedim((unit_axis, axis), (0, 1))
-            out.append(part.reshape(part.shape[0], part.shape[1], -1))
+            signed = any(state.spec.factors[on.factor].kind == "sign-flip" for on in seg.acts)
+            out.append((signed, part.reshape(part.shape[0], part.shape[1], -1)))
     return out
 
 
-def _paired_unit_score(xa: torch.Tensor, xb: torch.Tensor, backend: str) -> torch.Tensor:
-    """S[e, f] = value of the best assignment between the units of expert e of A and expert f of B (normalised)."""
-    n = xa.shape[0]
+def _paired_unit_score(plain: tuple[torch.Tensor, torch.Tensor] | None, signed: tuple[torch.Tensor, torch.Tensor] | None,
+                       backend: str) -> torch.Tensor:
+    """S[e, f] = value of the best assignment between the units of expert e of A and expert f of B (normalised);
+    each pair of units scores plain + |signed| (its best sign), as for unbatched units."""
+    parts = [x for x in (plain, signed) if x is not None]
+    n = parts[0][0].shape[0]
     score = torch.empty(n, n, dtype=torch.float64)
     for e in range(n):
-        corr = torch.einsum("ir,fjr->fij", xa[e], xb)
+        corr = torch.einsum("ir,fjr->fij", plain[0][e], plain[1]) if plain is not None else 0.0
+        if signed is not None:
+            corr = corr + torch.einsum("ir,fjr->fij", signed[0][e], signed[1]).abs()
         sigma = linear_assignment(corr, backend)
         score[e] = corr.gather(-1, sigma.unsqueeze(-1)).squeeze(-1).sum(-1).double()
-    return score / (xa.norm() * xb.norm()).clamp_min(1e-300).double()
+    norm_a = sum(float(x[0].pow(2).sum()) for x in parts) ** 0.5
+    norm_b = sum(float(x[1].pow(2).sum()) for x in parts) ** 0.5
+    return score / max(norm_a * norm_b, 1e-300)
 
 
 def expert_scores(state: MatchState, name: str, inner: set[str]) -> torch.Tensor:
     """Expert-pair similarity, invariant to each expert's unit permutations and to router translations."""
     spec, dtype = state.spec, state.score_dtype
     score = torch.zeros(spec.factors[name].count, spec.factors[name].count, dtype=torch.float64)
-    rows_a: list[torch.Tensor] = []
-    rows_b: list[torch.Tensor] = []
+    rows: dict[bool, tuple[list[torch.Tensor], list[torch.Tensor]]] = {False: ([], []), True: ([], [])}
     for pname, axis, offset, on in spec.uses(name):
         found = _expert_rows(state, state.a, pname, axis, inner)
         if found:
-            rows_a += [r.to(dtype) for r in found]
-            rows_b += [r.to(dtype) for r in _expert_rows(state, state.b, pname, axis, inner)]
+            for (signed, ra), (_, rb) in zip(found, _expert_rows(state, state.b, pname, axis, inner)):
+                rows[signed][0].append(ra.to(dtype))
+                rows[signed][1].append(rb.to(dtype))
             continue
         seg = segment_of(spec, pname, axis, offset)
         ra = unit_matrix(spec, state.a[pname], axis, offset, seg.size, on).to(dtype)
         rb = unit_matrix(spec, state.b[pname], axis, offset, seg.size, on).to(dtype)
         ra, rb = ra - ra.mean(0), rb - rb.mean(0)  # router rows: centring removes the translation
         score += ((ra @ rb.transpose(-1, -2)) / (ra.norm() * rb.norm()).clamp_min(1e-300)).double()
-    if rows_a:
-        score += _paired_unit_score(torch.cat(rows_a, -1), torch.cat(rows_b, -1), state.backend)
+    if rows[False][0] or rows[True][0]:
+        plain, signed = ((torch.cat(rows[k][0], -1), torch.cat(rows[k][1], -1)) if rows[k][0] else None for k in (False, True))
+        score += _paired_unit_score(plain, signed, state.backend)
     return score
 
 

@@ -12,9 +12,10 @@ Shared experts (and their sigmoid gate) are not routed: they stay put and keep t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
-from ..factors import GroupedPermutation, Permutation, PositiveScaling, Translation
+from ..factors import Factor, GroupedPermutation, Permutation, PositiveScaling, SignFlip, Translation
 from ..spec import Fragment, On, Segment, Shift, param
 from .mlp import swiglu
 from .units import Units, activation_group
@@ -61,18 +62,22 @@ def router(
 
 def expert_factors(
     prefix: str, n_experts: int, d_expert: int, activation: str, groups: int = 1
-) -> tuple[Permutation, Permutation, PositiveScaling | None]:
-    """Expert permutation, per-expert hidden-unit permutation (batched), per-expert scaling if homogeneous.
+) -> tuple[Permutation, Permutation, tuple[Factor, ...]]:
+    """Expert permutation, per-expert hidden-unit permutation (batched), and the units' per-expert children: a
+    positive scaling if homogeneous, a sign flip if odd (both for SwiGLU: the up branch is linear).
 
     ``groups`` > 1: group-limited routing (top-k only inside the best expert groups, DeepSeek-V3's ``n_group`` /
     ``topk_group``): experts permute within their group and whole groups permute (a group's score is symmetric in its
     experts); moving one expert to another group changes which experts can be chosen."""
     experts = Permutation(f"{prefix}.experts", n_experts) if groups == 1 else GroupedPermutation(f"{prefix}.experts", n_experts, groups=groups)
     units = Permutation(f"{prefix}.expert_units", d_expert, parent=experts.name, batch=(n_experts,))
-    scale = None
-    if activation_group(activation) == "scaling":
-        scale = PositiveScaling(f"{prefix}.expert_units.scale", d_expert, parent=units.name, batch=(n_experts,))
-    return experts, units, scale
+    group = activation_group(activation)
+    children: list[Factor] = []
+    if group in ("scaling", "scaling-sign"):
+        children.append(PositiveScaling(f"{prefix}.expert_units.scale", d_expert, parent=units.name, batch=(n_experts,)))
+    if group in ("sign", "scaling-sign"):
+        children.append(SignFlip(f"{prefix}.expert_units.sign", d_expert, parent=units.name, batch=(n_experts,)))
+    return experts, units, tuple(children)
 
 
 def stacked_swiglu_experts(
@@ -83,7 +88,7 @@ def stacked_swiglu_experts(
     stream: Units,
     experts: Permutation,
     units: Permutation,
-    scale: PositiveScaling | None,
+    children: Sequence[Factor] = (),
     *,
     fused_gate_up: str | None = None,
     names: tuple[str, str, str] = ("w1", "w3", "w2"),
@@ -93,8 +98,8 @@ def stacked_swiglu_experts(
     Names are parameter names under ``prefix``; ``fused_gate_up`` is the HF in-memory layout (rows [:I] gate, [I:] up).
     """
     gate_acts = (On(units.name, "out", batch_axis=0),)
-    up_acts = gate_acts + ((On(scale.name, "out", batch_axis=0),) if scale else ())
-    down_acts = [On(units.name, "in", batch_axis=0)] + ([On(scale.name, "in", batch_axis=0)] if scale else [])
+    up_acts = gate_acts + tuple(On(c.name, "out", batch_axis=0) for c in children)
+    down_acts = [On(units.name, "in", batch_axis=0)] + [On(c.name, "in", batch_axis=0) for c in children]
     e_in = On(experts.name, "in")
     params = {}
     if fused_gate_up:
@@ -104,7 +109,7 @@ def stacked_swiglu_experts(
         params[f"{prefix}.{names[0]}"] = param((n_experts, d_expert, d_model), e_in, list(gate_acts), stream.inn())
         params[f"{prefix}.{names[1]}"] = param((n_experts, d_expert, d_model), e_in, list(up_acts), stream.inn())
     params[f"{prefix}.{names[2]}"] = param((n_experts, d_model, d_expert), e_in, stream.out(), down_acts)
-    return Fragment.of([f for f in (experts, units, scale) if f is not None], params)
+    return Fragment.of([experts, units, *children], params)
 
 
 def shared_expert(prefix: str, d_model: int, d_hidden: int, stream: Units, gate: str | None, names=("gate_proj", "up_proj", "down_proj")) -> Fragment:

@@ -5,7 +5,8 @@ Activation -> group of one hidden layer (f(g.theta) = f(theta)):
   tanh (odd):                                 permutation x sign flips
   gelu, silu:                                 permutation only (no continuous factor)
   any (activation unknown):                   permutation only (true for every elementwise activation)
-  swiglu C(silu(Bx) * Ax):                    permutation x positive scaling of A rows / C columns (gate B unscaled)
+  swiglu C(silu(Bx) * Ax):                    permutation x nonzero scaling of A rows / C columns (gate B unscaled):
+                                              positive scaling x sign flips (the up branch is linear, any c != 0)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ ACTIVATION_GROUPS: dict[str, str] = {
     "tanh": "sign",
     "gelu": "none",
     "silu": "none",
-    "swiglu": "scaling",
+    "swiglu": "scaling-sign",
     "any": "none",  # unknown elementwise activation: only the permutation is safe
 }
 
@@ -38,20 +39,20 @@ def activation_group(activation: str) -> str:
 
 @dataclass(frozen=True)
 class Units:
-    """A permutation of ``n`` units plus an optional per-unit child factor (scaling or sign)."""
+    """A permutation of ``n`` units plus its per-unit child factors (scaling, sign, or both for SwiGLU)."""
 
     perm: Factor | None
-    child: Factor | None = None
+    children: tuple[Factor, ...] = ()
     size: int = 0
 
     @staticmethod
     def fixed(n: int) -> "Units":
         """Units with no symmetry at all (e.g. a stream pinned by a fixed positional-encoding buffer)."""
-        return Units(None, None, n)
+        return Units(None, (), n)
 
     @property
     def factors(self) -> tuple[Factor, ...]:
-        return tuple(f for f in (self.perm, self.child) if f is not None)
+        return ((self.perm,) if self.perm is not None else ()) + self.children
 
     @property
     def n(self) -> int:
@@ -62,8 +63,8 @@ class Units:
         if self.perm is None:
             return []
         acts = [On(self.perm.name, "out", block=block)]
-        if with_child and self.child is not None:
-            acts.append(On(self.child.name, "out", block=block))
+        if with_child:
+            acts += [On(c.name, "out", block=block) for c in self.children]
         return acts
 
     def inn(self, block: int = 1) -> list[On]:
@@ -71,20 +72,20 @@ class Units:
         if self.perm is None:
             return []
         acts = [On(self.perm.name, "in", block=block)]
-        if self.child is not None:
-            acts.append(On(self.child.name, "in", block=block))
+        acts += [On(c.name, "in", block=block) for c in self.children]
         return acts
 
 
 def neurons(name: str, n: int, activation: str) -> Units:
-    """Hidden units of an elementwise activation: permutation x (scaling | sign | nothing)."""
+    """Hidden units of an activation: permutation x (scaling | sign | scaling and sign | nothing)."""
     group = activation_group(activation)
     perm = Permutation(name, n)
-    if group == "scaling":
-        return Units(perm, PositiveScaling(f"{name}.scale", n, parent=name))
-    if group == "sign":
-        return Units(perm, SignFlip(f"{name}.sign", n, parent=name))
-    return Units(perm)
+    children: list[Factor] = []
+    if group in ("scaling", "scaling-sign"):
+        children.append(PositiveScaling(f"{name}.scale", n, parent=name))
+    if group in ("sign", "scaling-sign"):
+        children.append(SignFlip(f"{name}.sign", n, parent=name))
+    return Units(perm, tuple(children))
 
 
 def channels(name: str, n: int, activation: str, groups: int | None = None) -> Units:
@@ -93,7 +94,7 @@ def channels(name: str, n: int, activation: str, groups: int | None = None) -> U
     if groups is None:
         return units
     perm = GroupedPermutation(name, n, groups=groups)
-    return Units(perm, units.child)
+    return Units(perm, units.children)
 
 
 def stream(name: str, d: int, signed: bool = False) -> Units:
@@ -104,4 +105,4 @@ def stream(name: str, d: int, signed: bool = False) -> Units:
     put (norms use ``out(with_child=False)``). LayerNorm's centring does not commute with S: no sign child there.
     """
     perm = Permutation(name, d)
-    return Units(perm, SignFlip(f"{name}.sign", d, parent=name) if signed else None)
+    return Units(perm, (SignFlip(f"{name}.sign", d, parent=name),) if signed else ())

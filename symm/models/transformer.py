@@ -276,9 +276,9 @@ def _ffn_fragment(prefix: str, c: TransformerConfig, stream: Units) -> Fragment:
         return catalogue.mlp([f"{prefix}.fc1", f"{prefix}.fc2"], [d, c.d_ff, d], c.ffn, input_units=stream, output_units=stream)
     if c.ffn == "swiglu":
         return catalogue.shared_expert(prefix, d, c.d_ff, stream, gate=None)
-    experts, units, scale = catalogue.expert_factors(prefix, c.n_experts, c.d_ff, "swiglu")
+    experts, units, children = catalogue.expert_factors(prefix, c.n_experts, c.d_ff, "swiglu")
     frag = catalogue.router(f"{prefix}.router", c.n_experts, d, c.gating, stream, experts.name, bias=c.router_bias)
-    frag = frag + catalogue.stacked_swiglu_experts(prefix, c.n_experts, d, c.d_ff, stream, experts, units, scale)
+    frag = frag + catalogue.stacked_swiglu_experts(prefix, c.n_experts, d, c.d_ff, stream, experts, units, children)
     if c.shared_expert:
         frag = frag + catalogue.shared_expert(f"{prefix}.shared", d, c.d_shared, stream, gate=f"{prefix}.shared_gate.weight")
     return frag

@@ -230,11 +230,11 @@ def _dense_mlp(config, fam: Family, b: str, stream: Units) -> Fragment:
 def _routed_experts(config, fam: Family, b: str, stream: Units) -> Fragment:
     d, n_experts = fam.size(config, "d"), fam.size(config, "experts")
     d_expert = fam.size(config, "expert_ffn")
-    experts, units, scale = catalogue.expert_factors(f"{b}.mlp", n_experts, d_expert, "swiglu")
+    experts, units, children = catalogue.expert_factors(f"{b}.mlp", n_experts, d_expert, "swiglu")
     gating = "top1" if config.num_experts_per_tok == 1 else "topk"
     frag = catalogue.router(f"{b}.mlp.gate", n_experts, d, gating, stream, experts.name)
     return frag + catalogue.stacked_swiglu_experts(
-        f"{b}.mlp.experts", n_experts, d, d_expert, stream, experts, units, scale, fused_gate_up="gate_up_proj", names=("", "", "down_proj")
+        f"{b}.mlp.experts", n_experts, d, d_expert, stream, experts, units, children, fused_gate_up="gate_up_proj", names=("", "", "down_proj")
     )
 
 
@@ -247,10 +247,10 @@ def _sigmoid_routed_experts(config, fam: Family, b: str, stream: Units) -> Fragm
     """
     d, n_experts = fam.size(config, "d"), fam.size(config, "experts")
     groups = config.n_group if config.n_group > 1 and config.topk_group < config.n_group else 1
-    experts, units, scale = catalogue.expert_factors(f"{b}.mlp", n_experts, fam.size(config, "expert_ffn"), "swiglu", groups=groups)
+    experts, units, children = catalogue.expert_factors(f"{b}.mlp", n_experts, fam.size(config, "expert_ffn"), "swiglu", groups=groups)
     frag = catalogue.router(f"{b}.mlp.gate", n_experts, d, "sigmoid", stream, experts.name, score_bias="e_score_correction_bias")
     frag = frag + catalogue.stacked_swiglu_experts(
-        f"{b}.mlp.experts", n_experts, d, fam.size(config, "expert_ffn"), stream, experts, units, scale, fused_gate_up="gate_up_proj",
+        f"{b}.mlp.experts", n_experts, d, fam.size(config, "expert_ffn"), stream, experts, units, children, fused_gate_up="gate_up_proj",
         names=("", "", "down_proj"),
     )
     shared = fam.size(config, "expert_ffn") * config.n_shared_experts

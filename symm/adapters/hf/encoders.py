@@ -100,7 +100,8 @@ def build_model(config):
 # --------------------------------------------------------------------------------------------------- BERT / RoBERTa
 
 
-_UNIT_GROUPS = {"none": "permutation only", "scaling": "permutation x positive scaling", "sign": "permutation x sign flips"}
+_UNIT_GROUPS = {"none": "permutation only", "scaling": "permutation x positive scaling", "sign": "permutation x sign flips",
+                "scaling-sign": "permutation x positive scaling x sign flips"}
 
 
 def _embedding(name: str, shape, stream: Units) -> dict:
