@@ -440,7 +440,7 @@ def _match_orthogonal(a: Checkpoint, spec: Spec, pa, pb, b_params, seed, backend
     else:
         result = match_orthogonal(spec, layout, pa, pb, seed=seed, backend=backend, progress=progress)
     info.sweeps, info.converged = result.rounds, result.converged
-    return result(b_params), {"rounds": result.rounds, "folded_distances": result.distances}
+    return result(b_params), {"rounds": result.rounds, "stream_objectives": result.objectives, "folded_distances": result.distances}
 
 
 def _match_learned(a: Checkpoint, spec: Spec, task: Task, pa, pb, b_params, stream_used: str, fixed, seed, backend, progress,

@@ -139,7 +139,7 @@ def run_lean(pair: LeanPair, stage: Path, plan, *, seed: int = 0, backend: str =
         t1 = time.perf_counter()
         result = match_orthogonal(spec, layout_for(la.config, pa), _cast(pa, work), _cast(pb, work), seed=seed, backend=backend, progress=progress)
         info.sweeps, info.converged = result.rounds, result.converged
-        ortho = {"rounds": result.rounds, "folded_distances": result.distances}
+        ortho = {"rounds": result.rounds, "stream_objectives": result.objectives, "folded_distances": result.distances}
         aligned = result(pb)
         tensor_of = aligned.__getitem__
     else:  # one block of tensors at a time (aligners/layerwise.py): a few layers' worth in memory, never a model

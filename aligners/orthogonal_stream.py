@@ -7,8 +7,11 @@ Both checkpoints are folded (:func:`symm.folding.fold`: gains into readers). The
 2. g <- :func:`aligners.weight_matching` on the folded, O-rotated B, every factor of the Spec that acts on the
    stream (its permutation and signs) fixed at the identity: heads, GL / RoPE rotation-scalings per head, FFN units,
    experts, router translations.
-Stop when the Procrustes correction is below ``tol``, when ``patience`` rounds in a row barely lower the folded
-distance, or after ``max_outer`` rounds; the round with the smallest folded distance is kept.
+Stop when the Procrustes correction is below ``tol``, when ``patience`` rounds in a row barely lower the stream
+objective, or after ``max_outer`` rounds; the round with the smallest stream objective is kept. The stream objective
+is what step 1 minimises, sqrt(sum_b ||X_A,b - X_B,b||^2 / n_b / sum_b ||X_A,b||^2 / n_b): the plain folded distance
+is not (it weighs the (vocab, d) embeddings and LM head far more than Procrustes does), and keeping the round of
+smallest folded distance kept the first fit on trained pairs, undoing every later round.
 The aligned B is ``unfold(g . O . fold(B), gains of A)``: it computes B's function and carries A's gains exactly,
 so a lerp of A and the aligned B is the lerp of the folded models. LayerNorm biases are B's own, rotated
 (b -> g_A * O (b_B / g_B)): carrying A's biases too would need a bias on every reader (GPT-2's lm_head has none)
@@ -70,6 +73,15 @@ def procrustes(a: Params, b: Params, layout: StreamLayout, names: list[str] | No
     return nearest_orthogonal(m, layout.centred)
 
 
+def stream_objective(a: Params, b: Params, layout: StreamLayout) -> float:
+    """sqrt(sum_b ||X_A,b - X_B,b||^2 / n_b / sum_b ||X_A,b||^2 / n_b) over the stream tensors: the relative
+    distance :func:`procrustes` minimises over O (each tensor weighted by 1 / its number of stream vectors)."""
+    xa, xb = stream_tensors(a, layout), stream_tensors(b, layout)
+    num = sum(float((xa[n].to(torch.float64) - xb[n].to(torch.float64)).pow(2).sum()) / xa[n].shape[0] for n in xa)
+    den = sum(float(xa[n].to(torch.float64).pow(2).sum()) / xa[n].shape[0] for n in xa)
+    return (num / max(den, 1e-300)) ** 0.5
+
+
 def relative_distance(x: Params, y: Params) -> float:
     """||x - y|| / ||y|| over the floating-point tensors of ``y``."""
     num = sum(float((x[k] - y[k]).pow(2).sum()) for k in y if torch.is_floating_point(y[k]))
@@ -87,6 +99,7 @@ class OrthogonalMatch:
     g: GroupElement  # the rest of the group (stream factors at the identity), acting after O
     gains: dict[str, torch.Tensor]  # A's norm gains, carried by the aligned B
     distances: list[float] = field(default_factory=list)  # ||g.O.fold(B) - fold(A)|| / ||fold(A)|| per round
+    objectives: list[float] = field(default_factory=list)  # stream_objective(fold(A), g.O.fold(B)) per round
     rounds: int = 0
     converged: bool = False
 
@@ -126,8 +139,9 @@ def match_orthogonal(
 
     ``first_fit``: the tensors of the first Procrustes fit, ``"free"`` (those no other factor acts on: embeddings,
     lm_head, writer biases; exact for a planted pair) or ``"all"``. ``tol``: stop when max |delta O - I| of the
-    Procrustes correction is below it; ``patience``: rounds in a row that lower the folded distance by less than
-    ``min_gain`` (relative) before stopping (float32 inputs stop there, at their rounding floor).
+    Procrustes correction is below it; ``patience``: rounds in a row that lower the stream objective
+    (:func:`stream_objective`) by less than ``min_gain`` (relative) before stopping (float32 inputs stop there, at
+    their rounding floor). The round of smallest stream objective is kept.
     """
     if max_outer < 1:
         raise SpecError(f"max_outer must be >= 1, got {max_outer}")
@@ -145,17 +159,19 @@ def match_orthogonal(
     g: GroupElement | None = None
     best: tuple[float, torch.Tensor, GroupElement] | None = None
     distances: list[float] = []
+    objectives: list[float] = []
     converged, stale = False, 0
     for r in range(max_outer):
         rotated = act_orthogonal(b_f, layout, O)
         g = weight_matching(spec, a_f, rotated, fixed=fixed, init=g, seed=seed, backend=backend, max_sweeps=max_sweeps, progress=progress)
         current = act(spec, rotated, g)
-        dist = relative_distance(current, a_f)
-        distances.append(dist)
-        log.info("orthogonal stream: round %d, folded distance %.4g", r + 1, dist)
-        stale = 0 if best is None or dist < best[0] * (1 - min_gain) else stale + 1
-        if best is None or dist < best[0]:
-            best = (dist, O, g)
+        distances.append(relative_distance(current, a_f))
+        objective = stream_objective(a_f, current, layout)
+        objectives.append(objective)
+        log.info("orthogonal stream: round %d, stream objective %.4g, folded distance %.4g", r + 1, objective, distances[-1])
+        stale = 0 if best is None or objective < best[0] * (1 - min_gain) else stale + 1
+        if best is None or objective < best[0]:
+            best = (objective, O, g)
         if stale >= patience:  # at the rounding floor, or no more progress
             converged = True
             break
@@ -165,7 +181,7 @@ def match_orthogonal(
             break
         O = delta @ O
     assert best is not None
-    return OrthogonalMatch(spec, layout, best[1], best[2], gains_of(params_a, layout), distances, len(distances), converged)
+    return OrthogonalMatch(spec, layout, best[1], best[2], gains_of(params_a, layout), distances, objectives, len(distances), converged)
 
 
 def match_orthogonal_activations(
@@ -202,9 +218,10 @@ def match_orthogonal_activations(
     fixed = decide_from_activations(spec, acts, {n: spec.factors[n].identity() for n in stream}, backend)
     rotated = act_orthogonal(b_f, layout, O)
     g = weight_matching(spec, a_f, rotated, fixed=fixed, seed=seed, backend=backend, max_sweeps=max_sweeps, progress=progress)
-    dist = relative_distance(act(spec, rotated, g), a_f)
-    log.info("orthogonal stream from activations: folded distance %.4g", dist)
-    return OrthogonalMatch(spec, layout, O, g, gains_of(params_a, layout), [dist], 1, True)
+    current = act(spec, rotated, g)
+    dist, objective = relative_distance(current, a_f), stream_objective(a_f, current, layout)
+    log.info("orthogonal stream from activations: stream objective %.4g, folded distance %.4g", objective, dist)
+    return OrthogonalMatch(spec, layout, O, g, gains_of(params_a, layout), [dist], [objective], 1, True)
 
 
 def _cast(params: Params, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -224,4 +241,5 @@ __all__ = [
     "match_orthogonal_activations",
     "procrustes",
     "stream_factors",
+    "stream_objective",
 ]

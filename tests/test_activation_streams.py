@@ -19,7 +19,9 @@ from aligners.activation_matching import (
     decide_from_activations,
     head_hooks,
     head_similarity,
+    hookable_factors,
     stream_hooks,
+    unit_hooks,
 )
 from aligners.orthogonal_stream import match_orthogonal_activations
 from hf_models import VOCAB, build, params_of
@@ -51,6 +53,22 @@ def test_streams_and_heads_decided_by_activations(name):
         assert torch.equal(decided[factor], want[factor]), factor
     h = activation_matching(spec, model, a, b, _tokens(), progress=False)
     assert rel_distance(act(spec, b, h), a) <= 1e-6  # measured <= 2.2e-8
+
+
+def test_gated_units_are_read_where_they_are_consumed():
+    """SwiGLU units: the gate rows carry neither the scaling nor the sign, so the units are read at the down
+    projection's input, silu(gate) * up, where a planted sign flip shows; the unit's own sign is decided from it."""
+    model = build("llama-mqa-untied")
+    spec, a = spec_from_hf(model), params_of(model)
+    assert hookable_factors(spec, model)["model.layers.0.mlp.units"] == "model.layers.0.mlp.gate_proj"
+    assert unit_hooks(spec, model)["model.layers.0.mlp.units"] == "in:model.layers.0.mlp.down_proj"
+    g = GroupElement.sample(spec, 5, only=["model.layers.0.mlp.units", "model.layers.0.mlp.units.sign"])
+    assert bool((g.values["model.layers.0.mlp.units.sign"] < 0).any())
+    acts = collect_activations(spec, model, a, act(spec, a, g), _tokens(), progress=False)
+    decided = decide_from_activations(spec, acts, {})
+    want = g.inverse().values
+    for name in ("model.layers.0.mlp.units", "model.layers.0.mlp.units.sign"):
+        assert torch.equal(decided[name], want[name]), name
 
 
 def test_head_similarity_is_gl_invariant():
