@@ -22,9 +22,10 @@ def lm_lmc_table(files: list[str]) -> None:
             cells = []
             for setting in LM_SETTINGS:
                 r = by.get(setting)
-                untied = by.get("untied-orthogonal")
-                if setting == "orthogonal" and untied is not None and untied["status"] == "ok":  # tied: after `symm untie`
-                    cells.append(f"{untied['aligned']:.3f} ({untied['ratio']:.2f}), untied copies")
+                untied = by.get(f"untied-{setting}")
+                if untied is not None and untied["status"] == "ok":  # tied: after `symm untie`
+                    tied = f"; tied {r['ratio']:.2f}" if r is not None and r["status"] == "ok" else ""
+                    cells.append(f"{untied['aligned']:.3f} ({untied['ratio']:.2f}), untied copies{tied}")
                     continue
                 if r is None:
                     cells.append("–")

@@ -14,8 +14,9 @@ fixed={expert factors: identity})`` on the job's own Spec, task and probe). A se
 its message (``--method`` values the job does not know: "not available"); a setting that later lands is picked
 up without changes here.
 
-Tied GPT-2 (and ``llama-tied``, on request: Llama trained with tied embeddings) also gets ``untied-orthogonal``: both
-models untied by ``symm untie`` (same functions), then data-free weight matching with the orthogonal stream.
+Tied GPT-2 (and ``llama-tied``, on request: Llama trained with tied embeddings) also gets ``untied-orthogonal`` and
+``untied-learned``: both models untied by ``symm untie`` (same functions), then data-free weight matching with the
+orthogonal stream, and learned matching started from it.
 
 ``gpt2-untied`` is GPT-2 with an untied LM head, Theus et al.'s setting, where the orthogonal LayerNorm stream
 exists (the issue's tied GPT-2 admits no continuous stream group).
@@ -59,7 +60,7 @@ from symm.user_data import SEQ_LEN, folder_tokenizer_tokens
 FAMILIES = ("llama", "gpt2", "mixtral", "gpt2-untied")
 #: on request (``--families``): Llama trained with tied embeddings (like Llama 3.2 1B / 3B), aligned on untied copies
 EXTRA_FAMILIES = ("llama-tied",)
-#: families trained with tied embeddings: they also get ``untied-orthogonal``
+#: families trained with tied embeddings: they also get ``untied-orthogonal`` and ``untied-learned``
 TIED = ("gpt2", "llama-tied")
 #: align-job settings: name -> keyword arguments of :func:`aligners.job.align`
 JOB_SETTINGS = {
@@ -70,7 +71,9 @@ JOB_SETTINGS = {
     "learned": {"method": "learned"},
     "learned-generated": {"method": "learned", "learn_from": "generated"},
 }
-SETTINGS = ("naive", *JOB_SETTINGS, "experts-fixed", "untied-orthogonal")
+#: settings run on untied copies of tied models
+UNTIED_SETTINGS = ("orthogonal", "learned")
+SETTINGS = ("naive", *JOB_SETTINGS, "experts-fixed", *(f"untied-{s}" for s in UNTIED_SETTINGS))
 ACCEPT, GOAL = 0.3, 0.17
 DATA_NOTE = ("training: byte windows of the first half of the shipped Shakespeare plays; barrier: the align job's "
              "default evaluation (held-out windows of the second half), the same for every setting")
@@ -345,20 +348,24 @@ def run_experts_fixed(family: str, pair: int, a_path: Path, b_path: Path, budget
     return row_from_report(family, pair, "experts-fixed", report)
 
 
-def run_untied(family: str, pair: int, a: Path, b: Path, budget: Budget, work: Path) -> dict:
-    """Tied models: ``symm untie`` both (same functions, LM head a copy of the embedding), then data-free weight
-    matching with the orthogonal stream on the untied copies (the naive barrier is the tied pair's)."""
+def run_untied(family: str, pair: int, a: Path, b: Path, budget: Budget, work: Path) -> list[dict]:
+    """Tied models: ``symm untie`` both (same functions, LM head a copy of the embedding), then each of
+    :data:`UNTIED_SETTINGS` (data-free weight matching with the orthogonal stream, learned matching) on the untied
+    copies (the naive barrier is the tied pair's)."""
     from symm.untie import untie
 
     copies = [work / f"{family}-{pair}-{name}-untied" for name in ("A", "B")]
+    rows = []
     try:
         for src, dst in zip((a, b), copies):
             untie(src, dst)
-        row = run_job(family, pair, "orthogonal", *copies, budget, work)
+        for setting in UNTIED_SETTINGS:
+            rows.append(run_job(family, pair, setting, *copies, budget, work) | {"setting": f"untied-{setting}"})
+            print(f"  {family} pair {pair} untied-{setting}: {short(rows[-1])}", flush=True)
     finally:
         for c in copies:
             shutil.rmtree(c, ignore_errors=True)
-    return row | {"setting": "untied-orthogonal"}
+    return rows
 
 
 def naive_row(family: str, pair: int, rows: list[dict]) -> dict:
@@ -377,8 +384,7 @@ def run_pair(family: str, pair: int, folders: tuple[Path, Path], budget: Budget,
         rows.append(run_experts_fixed(family, pair, *folders, budget))
         print(f"  {family} pair {pair} experts-fixed: {short(rows[-1])}", flush=True)
     if family in TIED:  # tied: the orthogonal stream after an explicit untie
-        rows.append(run_untied(family, pair, *folders, budget, work))
-        print(f"  {family} pair {pair} untied-orthogonal: {short(rows[-1])}", flush=True)
+        rows += run_untied(family, pair, *folders, budget, work)
     return [naive_row(family, pair, rows), *rows]
 
 

@@ -28,7 +28,7 @@ def test_quick_run_writes_a_row_per_setting(tmp_path, monkeypatch):
     rows = payload["rows"]
     for family in lm_lmc.FAMILIES:
         settings = [r["setting"] for r in rows if r["family"] == family]
-        expected = [s for s in lm_lmc.SETTINGS if (s != "experts-fixed" or family == "mixtral") and (s != "untied-orthogonal" or family == "gpt2")]
+        expected = [s for s in lm_lmc.SETTINGS if (s != "experts-fixed" or family == "mixtral") and (not s.startswith("untied-") or family == "gpt2")]
         assert settings == expected, family
         naive = [r["naive"] for r in rows if r["family"] == family and r["status"] == "ok"]
         assert naive and all(math.isfinite(x) and x >= 0 for x in naive), family
@@ -40,6 +40,7 @@ def test_quick_run_writes_a_row_per_setting(tmp_path, monkeypatch):
     assert by[("gpt2-untied", "orthogonal")]["status"] == "ok"  # the untied LayerNorm stream rotates
     assert by[("gpt2", "orthogonal")]["status"] == "refused" and "tied" in by[("gpt2", "orthogonal")]["message"]
     assert by[("gpt2", "untied-orthogonal")]["status"] == "ok" and by[("gpt2", "untied-orthogonal")]["stream"] == "orthogonal"
+    assert by[("gpt2", "untied-learned")]["status"] == "ok" and by[("gpt2", "untied-learned")]["stream"] == "orthogonal"
     for family in lm_lmc.FAMILIES:  # learned matching is recorded, whether it exists yet or not
         assert by[(family, "learned")]["status"] in ("ok", "not available")
         assert by[(family, "learned-generated")]["status"] == "ok", by[(family, "learned-generated")]
