@@ -25,8 +25,8 @@ _ROPE_INERT = frozenset({"max_position_embeddings"})
 _SLIDING = {"sliding_window": mask_only, "use_sliding_window": mask_only, "max_window_layers": mask_only, "layer_types": mask_only}
 _LLAMA_GROUP = (
     "signed permutations of the RMSNorm stream; per layer: head permutations (within KV groups), one RoPE "
-    "rotation-scaling per frequency pair and KV group on Q/K, GL(d_h) per KV group on V/O, SwiGLU units permuted and "
-    "positively scaled"
+    "rotation-scaling per frequency pair and KV group on Q/K, GL(d_h) per KV group on V/O, SwiGLU units permuted, "
+    "positively scaled and sign-flipped"
 )
 
 FAMILY_RECORDS: tuple[Family, ...] = (
@@ -97,7 +97,7 @@ FAMILY_RECORDS: tuple[Family, ...] = (
         "olmo2", decoder, qk_norm="full", norms="post", qkv_bias="attention_bias", o_bias="attention_bias", sizes=_ROPE_SIZES,
         group="signed permutations of the stream (blocks read it raw, their outputs pass RMSNorms whose gains move with "
         "the stream); QK-norm over all heads with per-row gains leaves Q/K only the head permutation; V/O GL(d_h) per KV "
-        "group; SwiGLU units permuted and scaled",
+        "group; SwiGLU units permuted, scaled and sign-flipped",
         options={**_ROPE_OPTIONS, "attention_bias": handled}, inert=_ROPE_INERT,
     ),
     Family(
@@ -138,7 +138,7 @@ FAMILY_RECORDS: tuple[Family, ...] = (
     Family(
         "mixtral", decoder, mlp="moe", sizes={**_ROPE_SIZES, "experts": "num_local_experts", "expert_ffn": "intermediate_size"},
         group="as Llama on the stream and attention; experts permute (router rows with them), each expert's SwiGLU units "
-        "permute and scale; top-k softmax routing adds a common router translation",
+        "permute, scale and flip sign; top-k softmax routing adds a common router translation",
         options={**_ROPE_OPTIONS, "sliding_window": mask_only, "num_experts_per_tok": softmax_router},
         inert=_ROPE_INERT | {"router_jitter_noise"},  # training-time input noise
     ),
@@ -159,7 +159,7 @@ FAMILY_RECORDS: tuple[Family, ...] = (
         group="as Qwen3 on the stream and attention (per-head QK-norm: heads permute, per-head norm scales, q/k gain "
         "balance per RoPE pair; V/O GL(d_h)); DeepSeek-V3-style routed layers: experts permute with their router rows "
         "and their e_score_correction_bias entries (within groups, and whole groups, when top-k is group-limited), each "
-        "expert's SwiGLU units permute and scale; sigmoid gates allow no router translation; shared experts stay put "
+        "expert's SwiGLU units permute, scale and flip sign; sigmoid gates allow no router translation; shared experts stay put "
         "with their own SwiGLU group; the first first_k_dense_replace layers are dense",
         options={
             **_ROPE_OPTIONS, **_SLIDING, "attention_bias": handled, "n_group": expert_groups, "topk_group": handled,
@@ -173,7 +173,7 @@ FAMILY_RECORDS: tuple[Family, ...] = (
         sizes={**_ROPE_SIZES, "experts": "num_experts", "expert_ffn": "intermediate_size"},
         group="as OLMo2 on Q/K (QK-norm over all heads with per-row gains: heads permute, nothing continuous on Q/K), "
         "pre-norm signed stream permutations, V/O GL(d_h) per KV group; as Mixtral on the experts: experts permute "
-        "(router rows with them), each expert's SwiGLU units permute and scale, top-k softmax routing adds a common "
+        "(router rows with them), each expert's SwiGLU units permute, scale and flip sign, top-k softmax routing adds a common "
         "router translation (with or without norm_topk_prob)",
         options={
             **_ROPE_OPTIONS, "attention_bias": handled, "num_experts_per_tok": softmax_router, "norm_topk_prob": softmax_router,
@@ -186,7 +186,7 @@ FAMILY_RECORDS: tuple[Family, ...] = (
         sizes={**_ROPE_SIZES, "experts": "num_local_experts", "expert_ffn": "moe_intermediate_size"},
         group="as Qwen3 on the stream and attention (per-head QK-norm: heads permute, per-head norm scales, q/k gain "
         "balance per RoPE pair; V/O GL(d_h)); routed layers as Mixtral (experts permute with their router rows, "
-        "per-expert SwiGLU units permute and scale, router translation, with or without norm_topk_prob); dense layers "
+        "per-expert SwiGLU units permute, scale and flip sign, router translation, with or without norm_topk_prob); dense layers "
         "(mlp_only_layers, decoder_sparse_step) keep a SwiGLU group; no shared expert",
         options={
             **_ROPE_OPTIONS, **_SLIDING, "attention_bias": handled, "num_experts_per_tok": softmax_router,
