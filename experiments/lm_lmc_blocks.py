@@ -9,8 +9,8 @@ one started from it (:func:`aligners.learned.learned_matching`):
 - per block (the catalogue's: each attention layer, each MLP / MoE layer, and each tensor only the residual stream
   acts on: embeddings, norms, LM head): the excess loss when **only** that block is interpolated (the rest kept at A), and when **all but** that
   block are;
-- per MLP unit factor the activations can hook (the dense MLPs): the mean correlation of each unit of A with its
-  best-correlated unit of B on the training windows, the share of units for which data-free weight matching and
+- per MLP unit factor the activations can hook (the dense MLPs): the mean correlation (absolute for units with a
+  sign flip: SwiGLU) of each unit of A with its best-correlated unit of B on the training windows, the share of units for which data-free weight matching and
   activation matching pick the same partner, and the midpoint's excess loss when the activation permutations are
   forced into the data-free alignment (same O; everything else re-matched by weight matching), for layer 0 alone
   and for every layer.
@@ -87,7 +87,8 @@ def unit_correspondence(spec, task, layout, pa: Params, pb: Params, start: Ortho
     units = [n for n in acts.units if n not in stream]
     out: dict = {"factors": {}}
     for n in units:
-        c, w = acts.units[n], start.g.values[n]
+        signed = any(f.parent == n and f.kind == "sign-flip" for f in spec.factors.values())
+        c, w = (acts.units[n].abs() if signed else acts.units[n]), start.g.values[n]  # signed units: |corr|
         out["factors"][n] = {"best_match_correlation": float(c.max(1).values.mean()),
                              "agreement": float((w == by_acts[n]).double().mean()),
                              "correlation_weights": float(c[torch.arange(len(w)), w].mean()),
