@@ -1,4 +1,5 @@
-"""Print the README's experiment tables from experiments/results/*.json (so the README quotes measured numbers)."""
+"""Print the README's experiment tables from experiments/results/*.json (so the README quotes measured numbers);
+write the README's combined LM figure, results/lm_lmc_bpe2048.png."""
 
 from __future__ import annotations
 
@@ -37,9 +38,23 @@ def lm_lmc_table(files: list[str]) -> None:
             print(f"| {label} | {pair} | {by['naive']['naive']:.3f} | " + " | ".join(cells) + " |")
 
 
+def lm_lmc_plot(files: list[str], out: Path) -> None:
+    """One figure of several experiments/lm_lmc.py results (bars: mean aligned / naive per family and setting)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import lm_lmc
+
+    payloads = [json.loads((RESULTS / name).read_text()) for name in files]
+    rows = [r for d in payloads for r in d["rows"]]
+    families = [f for d in payloads for f in d["families"]]
+    lm_lmc.plot(rows, families, out)
+
+
 def main() -> None:
     families = ("gpt2_untied", "llama", "mixtral", "gpt2")
     lm_lmc_table([f"lm_lmc_bpe2048_{f}.json" for f in families])  # the cosine recipe (default)
+    lm_lmc_plot([f"lm_lmc_bpe2048_{f}.json" for f in families], RESULTS / "lm_lmc_bpe2048.png")
     print()
     lm_lmc_table([f"lm_lmc_bpe2048_constant_{f}.json" for f in families])  # --recipe constant
     print()
